@@ -1,0 +1,18 @@
+"""Errors that are the user's to fix. The command-line entry points print their message as one
+line and exit with status 2, without a traceback; anything else is a bug and keeps its traceback."""
+
+
+class UserError(Exception):
+    """A mistake in a config value, a path, a checkpoint or data the user supplied."""
+
+
+class ConfigError(UserError, ValueError):
+    pass
+
+
+class DataError(UserError):
+    pass
+
+
+class CheckpointError(UserError):
+    pass
