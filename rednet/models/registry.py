@@ -33,3 +33,23 @@ def create_model(name: str, num_classes: int = 1000, **kwargs) -> nn.Module:
         raise ValueError(f"create_model({name!r}) got unknown argument(s) {unknown}; "
                          f"accepted: {sorted(accepted)}")
     return _MODELS[name](num_classes=num_classes, **kwargs)
+
+
+def use_cifar_stem(cfg_model, image_size: int) -> bool:
+    """Small images would shrink to nothing through the ImageNet stem's 4x downsampling."""
+    return image_size <= 64 if cfg_model.cifar_stem is None else cfg_model.cifar_stem
+
+
+def build_model(cfg_model, num_classes: int, in_chans: int, image_size: int) -> nn.Module:
+    """The model a ``model`` config node describes, for data of ``num_classes``, ``in_chans`` and
+    ``image_size``; ``model.pretrained`` weights are loaded into it."""
+    m = cfg_model
+    model = create_model(m.name, num_classes=num_classes, in_chans=in_chans,
+                         cifar_stem=use_cifar_stem(m, image_size), kernel_size=m.kernel_size,
+                         group_channels=m.group_channels, reduction_ratio=m.reduction_ratio,
+                         zero_init_residual=m.zero_init_residual, drop_path_rate=m.drop_path_rate)
+    if m.pretrained:
+        from rednet.models.weights import load_weights
+
+        load_weights(model, m.pretrained, drop_head=m.drop_head)
+    return model

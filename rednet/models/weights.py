@@ -14,7 +14,7 @@ from rednet.errors import CheckpointError
 HEAD_PREFIX = "head.fc."
 
 
-def _state_dict_of(obj: Mapping) -> Mapping[str, torch.Tensor]:
+def state_dict_of(obj: Mapping) -> Mapping[str, torch.Tensor]:
     """Finds the state_dict inside the formats we know: ours (``model``), mmcls (``state_dict``),
     or a bare state_dict. A DDP ``module.`` prefix is removed."""
     for key in ("model", "state_dict"):
@@ -47,7 +47,7 @@ def load_weights(model: nn.Module, src: str | Path | Mapping, strict: bool = Tru
     when the weights do not fit (with ``strict=False`` only mis-shaped keys are an error).
     """
     obj = read_checkpoint(src) if isinstance(src, (str, Path)) else src
-    state = dict(_state_dict_of(obj))
+    state = dict(state_dict_of(obj))
     if drop_head:
         state = {k: v for k, v in state.items() if not k.startswith(HEAD_PREFIX)}
     own = model.state_dict()

@@ -1,0 +1,176 @@
+"""Command-line entry points: ``python train.py ...`` / ``rednet-train`` and ``python eval.py ...`` / ``rednet-eval``.
+
+A user's mistake (a bad override, a missing dataset, a checkpoint that does not fit) ends with one
+line on stderr and exit status 2, without a traceback. Hydra's own composition errors span several
+lines, so the command line is composed once up front ("preflight") to report them the same way.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from rednet.config import TrainConfig, register_configs, validate
+from rednet.errors import ConfigError, UserError
+
+CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
+GROUPS = ("model", "data", "optim", "sched", "trainer", "experiment")
+EXIT_USER_ERROR = 2
+
+register_configs()
+
+
+def one_line(error: BaseException) -> str:
+    """The message of ``error`` on one line. An error raised in a DataLoader worker arrives wrapped
+    in the worker's traceback; its last line is the original message."""
+    text = str(error).strip()
+    if "Original Traceback" in text:
+        text = text.splitlines()[-1]
+        for prefix in (f"{type(error).__module__}.{type(error).__name__}: ", f"{type(error).__name__}: "):
+            text = text.removeprefix(prefix)
+    text = " ".join(line.strip() for line in text.splitlines() if line.strip())
+    # OmegaConf and Hydra append their internals (full_key, object_type, the search path).
+    for noise in (" full_key:", " Config search path:"):
+        text = text.split(noise)[0]
+    return text
+
+
+def fail(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(EXIT_USER_ERROR)
+
+
+def preflight(config_name: str, argv: list[str]) -> None:
+    """Composes the command line's config the way Hydra will, and validates its values.
+
+    For a sweep (``-m model=a,b``) every swept value is checked, with the other keys at their first.
+    """
+    if any(a.startswith("-") and a not in ("-m", "--multirun") for a in argv):
+        return  # Hydra's own flags (--cfg, --help, --config-name, ...) are Hydra's to handle
+    from hydra import compose, initialize_config_dir
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    args = [a for a in argv if not a.startswith("-")]
+    try:
+        parsed = OverridesParser.create().parse_overrides(args)
+        first = [o.input_line if not o.is_sweep_override() else
+                 f"{o.get_key_element()}={next(iter(o.sweep_string_iterator()))}" for o in parsed]
+        variants = [first]
+        for i, o in enumerate(parsed):
+            if o.is_sweep_override():
+                for value in list(o.sweep_string_iterator())[1:]:
+                    variants.append(first[:i] + [f"{o.get_key_element()}={value}"] + first[i + 1:])
+        with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+            for overrides in variants:
+                cfg = compose(config_name=config_name, overrides=overrides)
+                if config_name == "train" or "ckpt" not in cfg or cfg.ckpt is None:
+                    validate(cfg)
+    except UserError as e:
+        fail(one_line(e))
+    except Exception as e:  # Hydra's and OmegaConf's composition errors: an override's fault
+        message = one_line(e)
+        cause = one_line(e.__cause__) if e.__cause__ is not None else ""
+        if cause.startswith("Key '"):  # Hydra's advice to append with '+' would break the schema
+            message = message.split(". To append")[0] + f": {cause}; list the valid keys with `--cfg job`"
+        elif cause:
+            message = f"{message} ({cause})"
+        fail(message)
+
+
+def guarded(task):
+    """Runs ``task(cfg)`` inside Hydra, turning a UserError into one line and exit status 2."""
+    def wrapper(cfg: DictConfig) -> None:
+        try:
+            return task(cfg)
+        except UserError as e:
+            logging.getLogger("rednet").debug("user error", exc_info=True)
+            fail(one_line(e))
+        finally:
+            from rednet.engine.distributed import cleanup
+
+            cleanup()
+    wrapper.__name__ = task.__name__
+    return wrapper
+
+
+def check_launch(cfg: DictConfig) -> None:
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if world > 1 and cfg.trainer.strategy != "ddp":
+        raise ConfigError(f"launched as {world} processes (torchrun) but trainer.strategy={cfg.trainer.strategy}; "
+                          f"add trainer=ddp")
+    if cfg.trainer.strategy == "ddp" and cfg.data.batch_size % world:
+        raise ConfigError(f"data.batch_size={cfg.data.batch_size} (the global batch) does not divide across "
+                          f"{world} processes; use a multiple of {world}")
+
+
+def _quiet_other_ranks() -> None:
+    """Ranks other than 0 write no Hydra folder or log file and print nothing but errors."""
+    if os.environ.get("RANK", "0") != "0":
+        sys.argv += ["hydra.output_subdir=null", "hydra/job_logging=none", "hydra/hydra_logging=none",
+                     "hydra.run.dir=."]
+        logging.getLogger("rednet").setLevel(logging.ERROR)
+
+
+@guarded
+def _train(cfg: DictConfig) -> None:
+    validate(cfg)
+    check_launch(cfg)
+    from rednet.engine.trainer import Trainer
+
+    Trainer(cfg, HydraConfig.get().runtime.output_dir).fit()
+
+
+@guarded
+def _evaluate(cfg: DictConfig) -> None:
+    from rednet.engine.checkpoint import read_checkpoint
+    from rednet.engine.evaluate import evaluate_checkpoint
+
+    cfg = config_for_checkpoint(cfg, read_checkpoint(cfg.ckpt).get("config"), HydraConfig.get().overrides.task)
+    validate(cfg)
+    check_launch(cfg)
+    evaluate_checkpoint(cfg, HydraConfig.get().runtime.output_dir)
+
+
+def config_for_checkpoint(cfg: DictConfig, saved: dict | None, overrides: list[str]) -> DictConfig:
+    """The checkpoint's own config, with what the command line names on top of it.
+
+    ``data=imagenet`` replaces the whole data group; ``data.root=...`` replaces one key. A file
+    without a config (an official mmcls release) needs ``model=`` on the command line.
+    """
+    keys = [o.split("=", 1)[0].lstrip("+~") for o in overrides]
+    if saved is None:
+        if "model" not in keys and not any(k.startswith("experiment") for k in keys):
+            raise ConfigError(f"{cfg.ckpt} carries no config (an official or weights-only file); name the model "
+                              f"and data, e.g. model=rednet26 data=imagenet data.root=path/to/imagenet")
+        return cfg
+    merged = OmegaConf.merge(OmegaConf.structured(TrainConfig), saved)
+    for key in keys:
+        if key in GROUPS and key != "experiment":
+            merged[key] = cfg[key]
+    for key in keys:
+        if "." in key and not key.startswith("hydra."):
+            OmegaConf.update(merged, key, OmegaConf.select(cfg, key), merge=False)
+    merged.ckpt = cfg.ckpt
+    merged.resume = None
+    merged.model.pretrained = None  # the checkpoint holds the weights
+    return merged
+
+
+def _main(task, config_name: str) -> None:
+    _quiet_other_ranks()
+    preflight(config_name, sys.argv[1:])
+    hydra.main(config_path=CONFIG_DIR, config_name=config_name, version_base="1.3")(task)()
+
+
+def train() -> None:
+    _main(_train, "train")
+
+
+def evaluate() -> None:
+    _main(_evaluate, "eval")

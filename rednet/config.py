@@ -1,0 +1,158 @@
+"""Schemas for every config group, registered with Hydra's ConfigStore.
+
+``configs/train.yaml`` and ``configs/eval.yaml`` start from ``train_schema``; every group file
+merges into its typed node, so Hydra rejects an unknown key or a value of the wrong type before
+any work starts. Value
+checks that a type cannot express (a positive lr, a known model name) live in :func:`validate`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig
+
+from rednet.errors import ConfigError
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING  # a name from rednet.models.list_models()
+    kernel_size: int = 7
+    group_channels: int = 16
+    reduction_ratio: int = 4
+    zero_init_residual: bool = True
+    drop_path_rate: float = 0.0
+    # null: the CIFAR stem (no downsampling) for images of 64 px or less, the ImageNet stem otherwise.
+    cifar_stem: Optional[bool] = None
+    # Initial weights: one of our checkpoints or an official mmcls release.
+    pretrained: Optional[str] = None
+    # With pretrained: ignore its classifier, for fine-tuning on another label set.
+    drop_head: bool = False
+
+
+@dataclass
+class DataConfig:
+    name: str = MISSING  # cifar10 | cifar100 | imagenet | digits | fake
+    root: str = "data"
+    download: bool = True
+    batch_size: int = 128  # the global batch: split across ranks under DDP
+    num_workers: int = 4
+    pin_memory: bool = True
+    persistent_workers: bool = True
+    image_size: int = 32  # training crop (and the validation crop of imagenet)
+    val_resize: int = 256  # imagenet: shorter side before the validation centre crop
+    mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
+    std: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
+    in_chans: int = 3
+    num_classes: Optional[int] = None  # fake only; every other dataset knows its classes
+    train_size: int = 1000  # fake only
+    val_size: int = 200  # fake only
+    bad_images: str = "error"  # imagenet/ImageFolder: error | skip unreadable images
+    seed: int = 0  # digits: the fixed stratified split
+
+
+@dataclass
+class OptimConfig:
+    name: str = "sgd"  # sgd | adamw
+    lr: float = 0.1
+    # When set, lr is the rate at this global batch and is scaled linearly to data.batch_size.
+    base_batch_size: Optional[int] = None
+    momentum: float = 0.9
+    nesterov: bool = False
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    weight_decay: float = 1e-4
+    # Exempt BatchNorm and bias parameters from weight decay.
+    no_decay_norm_bias: bool = False
+
+
+@dataclass
+class SchedConfig:
+    name: str = "cosine"  # cosine | step
+    warmup_iters: int = 0  # linear warmup, in optimizer steps
+    warmup_ratio: float = 0.1  # warmup starts at lr * warmup_ratio
+    min_lr: float = 0.0  # cosine: the final lr
+    milestones: list[int] = field(default_factory=lambda: [30, 60, 80])  # step: epochs
+    gamma: float = 0.1  # step: factor at every milestone
+
+
+@dataclass
+class TrainerConfig:
+    max_epochs: int = 100
+    device: str = "auto"  # auto | cpu | cuda
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16
+    seed: int = 42
+    deterministic: bool = False
+    label_smoothing: float = 0.0
+    grad_clip: Optional[float] = None  # max global grad norm
+    ema: bool = False
+    ema_decay: float = 0.9998
+    channels_last: bool = False
+    compile: bool = False
+    strategy: str = "single"  # single | ddp (launch with torchrun)
+    sync_batchnorm: bool = False  # ddp: convert BatchNorm to SyncBatchNorm
+    limit_train_batches: Optional[int] = None  # for smoke tests and profiling
+    limit_val_batches: Optional[int] = None
+    save_every_n_steps: int = 0  # also write last.pt every N steps (0: once per epoch)
+    max_bad_steps: int = 0  # skip up to N steps with a non-finite loss before stopping
+    progress: str = "auto"  # auto (a bar on a terminal) | bar | none
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    sched: SchedConfig = field(default_factory=SchedConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    resume: Optional[str] = None  # null | auto (the newest last.pt under outputs/) | a path
+    ckpt: Optional[str] = None  # eval.py: the checkpoint to evaluate
+    experiment: Optional[str] = None  # the recipe's name, for the record
+
+
+def register_configs() -> None:
+    ConfigStore.instance().store(name="train_schema", node=TrainConfig)
+
+
+CHOICES = {
+    ("data", "name"): ["cifar10", "cifar100", "imagenet", "digits", "fake"],
+    ("data", "bad_images"): ["error", "skip"],
+    ("optim", "name"): ["sgd", "adamw"],
+    ("sched", "name"): ["cosine", "step"],
+    ("trainer", "device"): ["auto", "cpu", "cuda"],
+    ("trainer", "precision"): ["auto", "fp32", "bf16", "fp16"],
+    ("trainer", "strategy"): ["single", "ddp"],
+    ("trainer", "progress"): ["auto", "bar", "none"],
+}
+
+
+def validate(cfg: DictConfig | Any) -> None:
+    """Checks values that the schema's types cannot, raising ConfigError naming key and fix."""
+    from rednet.models import list_models
+
+    if cfg.model.name not in list_models():
+        raise ConfigError(f"model={cfg.model.name} is not a model; choose one of: {', '.join(list_models())}")
+    for (group, key), choices in CHOICES.items():
+        value = cfg[group][key]
+        if value not in choices:
+            raise ConfigError(f"{group}.{key}={value} is not valid; choose one of: {', '.join(choices)}")
+    positive = {"optim.lr": cfg.optim.lr, "trainer.max_epochs": cfg.trainer.max_epochs,
+                "data.batch_size": cfg.data.batch_size, "data.image_size": cfg.data.image_size}
+    for key, value in positive.items():
+        if not value > 0:
+            raise ConfigError(f"{key}={value} must be positive")
+    nonneg = {"data.num_workers": cfg.data.num_workers, "trainer.label_smoothing": cfg.trainer.label_smoothing,
+              "optim.weight_decay": cfg.optim.weight_decay, "sched.warmup_iters": cfg.sched.warmup_iters,
+              "trainer.save_every_n_steps": cfg.trainer.save_every_n_steps,
+              "trainer.max_bad_steps": cfg.trainer.max_bad_steps, "model.drop_path_rate": cfg.model.drop_path_rate}
+    for key, value in nonneg.items():
+        if value < 0:
+            raise ConfigError(f"{key}={value} must not be negative")
+    if not 0 <= cfg.trainer.label_smoothing < 1:
+        raise ConfigError(f"trainer.label_smoothing={cfg.trainer.label_smoothing} must be in [0, 1)")
+    if cfg.trainer.grad_clip is not None and cfg.trainer.grad_clip <= 0:
+        raise ConfigError(f"trainer.grad_clip={cfg.trainer.grad_clip} must be positive, or null to turn it off")
+    if cfg.data.name == "fake" and not cfg.data.num_classes:
+        raise ConfigError("data=fake needs data.num_classes, e.g. data.num_classes=10")

@@ -1,0 +1,127 @@
+"""One evaluation pass, shared by validation during training and by ``eval.py``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from rednet.engine.distributed import DistInfo, all_reduce_sum
+from rednet.engine.precision import autocast
+from rednet.metrics import ConfusionMatrix, topk_correct
+
+
+@dataclass
+class EvalResult:
+    loss: float
+    acc1: float
+    acc5: float
+    count: int
+    confusion: ConfusionMatrix
+
+    def as_dict(self) -> dict:
+        return {"acc1": self.acc1, "acc5": self.acc5, "loss": self.loss, "count": self.count}
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, device: torch.device, dtype: torch.dtype | None, class_names: list[str],
+             dist: DistInfo = DistInfo(), channels_last: bool = False, limit_batches: int | None = None,
+             progress: bool = False, desc: str = "val") -> EvalResult:
+    """Loss (plain cross-entropy), top-1, top-5 and the confusion matrix over ``loader``.
+
+    Under DDP every rank sees a disjoint shard and the counts are summed, so the result equals a
+    single-process pass over the same data.
+    """
+    model.eval()
+    confusion = ConfusionMatrix(len(class_names), class_names)
+    sums = torch.zeros(3, dtype=torch.float64)  # loss sum, top-5 hits, samples
+    for i, (images, target) in enumerate(tqdm(loader, desc=desc, disable=not progress, leave=False)):
+        if limit_batches is not None and i >= limit_batches:
+            break
+        images = images.to(device, non_blocking=True)
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        target = target.to(device, non_blocking=True)
+        with autocast(device, dtype):
+            logits = model(images)
+        logits = logits.float()
+        sums[0] += float(F.cross_entropy(logits, target, reduction="sum"))
+        sums[1] += topk_correct(logits, target, (5,))[0]
+        sums[2] += target.numel()
+        confusion.update(logits.argmax(1), target)
+    if dist.enabled:
+        packed = torch.cat([sums, confusion.matrix.flatten().double()]).to(device)
+        packed = all_reduce_sum(packed, dist).cpu()
+        sums, confusion.matrix = packed[:3], packed[3:].round().long().view_as(confusion.matrix)
+    count = int(sums[2])
+    return EvalResult(loss=float(sums[0]) / max(count, 1), acc1=confusion.accuracy,
+                      acc5=float(sums[1]) / max(count, 1), count=count, confusion=confusion)
+
+
+def print_report(result: EvalResult, title: str, worst: int = 10) -> str:
+    """A compact table: the totals, then per class (all of them up to 20 classes, else the worst by F1)."""
+    rows = result.confusion.per_class()
+    lines = [title, "",
+             "| images | top-1 | top-5 | loss |", "|---:|---:|---:|---:|",
+             f"| {result.count} | {result.acc1:.4f} | {result.acc5:.4f} | {result.loss:.4f} |", ""]
+    shown = rows if len(rows) <= 20 else sorted(rows, key=lambda r: r["f1"])[:worst]
+    if len(rows) > 20:
+        lines.append(f"{worst} classes with the lowest F1 (all {len(rows)} are in metrics.json):")
+    lines += ["| class | precision | recall | F1 | support |", "|---|---:|---:|---:|---:|"]
+    lines += [f"| {r['class']} | {r['precision']:.3f} | {r['recall']:.3f} | {r['f1']:.3f} | {r['support']} |"
+              for r in shown]
+    return "\n".join(lines)
+
+
+def evaluate_checkpoint(cfg, run_dir: str | Path) -> EvalResult:
+    """``eval.py``: evaluates ``cfg.ckpt`` on ``cfg.data``'s validation split and writes the report
+    (metrics.json, confusion_matrix.csv/.png, TensorBoard events) into ``run_dir``."""
+    from rednet.data import build_datamodule
+    from rednet.engine import distributed
+    from rednet.engine.checkpoint import read_checkpoint
+    from rednet.engine.precision import resolve_device, resolve_precision
+    from rednet.errors import CheckpointError
+    from rednet.models import build_model, load_weights
+    from rednet.models.weights import state_dict_of
+
+    t = cfg.trainer
+    device = resolve_device(t.device, distributed.env_info().local_rank)
+    dist = distributed.init_distributed(device) if t.strategy == "ddp" else distributed.DistInfo()
+    run_dir = Path(distributed.broadcast_object(str(run_dir), dist))
+    dtype = resolve_precision(t.precision, device)
+    ckpt = read_checkpoint(cfg.ckpt)
+    data = build_datamodule(cfg.data)
+    head = state_dict_of(ckpt).get("head.fc.weight")
+    if head is not None and head.shape[0] != data.num_classes:
+        raise CheckpointError(f"checkpoint {cfg.ckpt} has {head.shape[0]} classes but data={cfg.data.name} has "
+                              f"{data.num_classes}; evaluate it on data with the same classes")
+    model = build_model(cfg.model, data.num_classes, data.in_chans, data.image_size)
+    load_weights(model, ckpt)
+    model.to(device)
+    if t.channels_last:
+        model.to(memory_format=torch.channels_last)
+    if cfg.data.batch_size % dist.world_size:
+        raise CheckpointError(f"data.batch_size={cfg.data.batch_size} does not divide across {dist.world_size} processes")
+    loader = data.val_loader(cfg.data.batch_size // dist.world_size, dist.rank, dist.world_size)
+    result = evaluate(model, loader, device, dtype, list(data.class_names), dist, t.channels_last,
+                      t.limit_val_batches, progress=False, desc="eval")
+    if dist.is_main:
+        import json
+        from torch.utils.tensorboard import SummaryWriter
+
+        run_dir.mkdir(parents=True, exist_ok=True)
+        report = {**result.as_dict(), "checkpoint": str(cfg.ckpt), "model": cfg.model.name, "data": cfg.data.name,
+                  "per_class": result.confusion.per_class()}
+        (run_dir / "metrics.json").write_text(json.dumps(report, indent=2))
+        result.confusion.write_csv(run_dir / "confusion_matrix.csv")
+        result.confusion.write_png(run_dir / "confusion_matrix.png")
+        with SummaryWriter(run_dir / "tensorboard") as writer:
+            for key in ("acc1", "acc5", "loss"):
+                writer.add_scalar(f"eval/{key}", getattr(result, key), 0)
+            writer.add_figure("eval/confusion_matrix", result.confusion.figure(), 0, close=True)
+        print(print_report(result, f"{cfg.model.name} on {cfg.data.name} ({cfg.ckpt}); report in {run_dir}"))
+    return result

@@ -1,0 +1,399 @@
+"""The training loop: ``Trainer(cfg, run_dir).fit()``.
+
+Read it top to bottom: ``__init__`` builds everything from the config, ``fit`` runs the epochs,
+``train_one_epoch`` runs the steps, ``validate`` measures, ``save`` and ``resume`` keep the run
+safe. Each step is batch -> autocast forward -> loss -> scaled backward -> (clip) -> optimizer
+step -> scheduler step -> EMA update.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import signal
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+
+from rednet.data import build_datamodule
+from rednet.engine import distributed
+from rednet.engine.checkpoint import read_checkpoint, save_checkpoint
+from rednet.engine.ema import ModelEma
+from rednet.engine.evaluate import EvalResult, evaluate
+from rednet.engine.optim import build_optimizer, build_scheduler
+from rednet.engine.precision import autocast, make_scaler, resolve_device, resolve_precision
+from rednet.errors import CheckpointError, ConfigError, UserError
+from rednet.metrics import topk_correct
+from rednet.models import build_model, load_weights
+
+log = logging.getLogger("rednet")
+
+
+class NonFiniteLossError(UserError):
+    pass
+
+
+class Interrupted(UserError):
+    """SIGTERM or SIGINT arrived; the run saved its state and stops."""
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+    else:
+        torch.backends.cudnn.benchmark = True
+
+
+def rng_state() -> dict:
+    """Every random generator the run uses, in types that load with weights_only=True."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"python": random.getstate(), "numpy": [kind, torch.from_numpy(keys.copy()), pos, has_gauss, gauss],
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(state: dict) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy(), pos, has_gauss, gauss))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def find_last_checkpoint(cfg: DictConfig, roots=("outputs", "multirun")) -> Path:
+    """The newest ``checkpoints/last.pt`` of a run with the same model and data."""
+    candidates = []
+    for root in roots:
+        for path in Path(root).glob("**/checkpoints/last.pt"):
+            saved = path.parent.parent / ".hydra" / "config.yaml"
+            if saved.is_file():
+                other = OmegaConf.load(saved)
+                if OmegaConf.select(other, "model.name") != cfg.model.name or \
+                        OmegaConf.select(other, "data.name") != cfg.data.name:
+                    continue
+            candidates.append(path)
+    if not candidates:
+        raise CheckpointError(f"resume=auto found no checkpoints/last.pt of model={cfg.model.name} "
+                              f"data={cfg.data.name} under {' or '.join(roots)}/; start without resume, "
+                              f"or pass resume=path/to/last.pt")
+    return max(candidates, key=lambda p: p.stat().st_mtime)
+
+
+class Trainer:
+    def __init__(self, cfg: DictConfig, run_dir: str | Path) -> None:
+        self.cfg = cfg
+        t = cfg.trainer
+        self.device = resolve_device(t.device, distributed.env_info().local_rank)
+        self.dist = distributed.init_distributed(self.device) if t.strategy == "ddp" else distributed.DistInfo()
+        # Every rank resolved ${now:...} by itself; rank 0's folder is the run's.
+        self.run_dir = Path(distributed.broadcast_object(str(run_dir), self.dist))
+        if cfg.data.batch_size % self.dist.world_size:
+            raise ConfigError(f"data.batch_size={cfg.data.batch_size} (the global batch) does not divide across "
+                              f"{self.dist.world_size} processes; use a multiple of {self.dist.world_size}")
+        self.batch_per_rank = cfg.data.batch_size // self.dist.world_size
+        self.dtype = resolve_precision(t.precision, self.device)
+        seed_everything(t.seed + self.dist.rank, t.deterministic)
+
+        self.data = build_datamodule(cfg.data)
+        self.class_names = list(self.data.class_names)
+        self.train_loader = self.data.train_loader(self.batch_per_rank, self.dist.rank, self.dist.world_size, t.seed)
+        self.val_loader = self.data.val_loader(self.batch_per_rank, self.dist.rank, self.dist.world_size)
+        self.steps_per_epoch = len(self.train_loader)
+        if t.limit_train_batches is not None:
+            self.steps_per_epoch = min(self.steps_per_epoch, t.limit_train_batches)
+        if self.steps_per_epoch == 0:
+            raise ConfigError(f"data.batch_size={cfg.data.batch_size} is larger than the {len(self.data.train_set)} "
+                              f"training images, so an epoch has no full batch; lower data.batch_size")
+
+        # The model as the checkpoint stores it: no compile, no DDP wrapper.
+        self.model = build_model(cfg.model, self.data.num_classes, self.data.in_chans, self.data.image_size)
+        if self.dist.enabled and t.sync_batchnorm:  # before the DDP wrap, which then syncs the statistics
+            self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+        self.model.to(self.device)
+        if t.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        self.ema = ModelEma(self.model, t.ema_decay) if t.ema else None
+        self.train_model = torch.compile(self.model) if t.compile else self.model
+        if self.dist.enabled:
+            self.train_model = nn.parallel.DistributedDataParallel(
+                self.train_model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+
+        self.optimizer = build_optimizer(cfg.optim, self.model, cfg.data.batch_size)
+        self.scheduler = build_scheduler(cfg.sched, self.optimizer, self.steps_per_epoch, t.max_epochs)
+        self.scaler = make_scaler(self.device, self.dtype)
+        self.criterion = nn.CrossEntropyLoss(label_smoothing=t.label_smoothing)
+
+        self.epoch = 0  # completed epochs
+        self.batch_in_epoch = 0  # steps done in the current epoch (mid-epoch checkpoints)
+        self.step = 0
+        self.bad_steps = 0
+        self.best_acc1 = -1.0
+        self.best_epoch = -1
+        self.metrics: dict = {}
+        self.stop_signal: int | None = None
+        self.writer = SummaryWriter(self.run_dir / "tensorboard") if self.dist.is_main else None
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        self.resumed_from: Path | None = None
+        self.pending_rng: dict | None = None
+        if cfg.resume:
+            self.resume(find_last_checkpoint(cfg) if cfg.resume == "auto" else Path(cfg.resume))
+
+    # -- the loop ---------------------------------------------------------------------------
+
+    def fit(self) -> dict:
+        t = self.cfg.trainer
+        self.log(f"{self.cfg.model.name}: {sum(p.numel() for p in self.model.parameters()) / 1e6:.2f}M params, "
+                 f"{self.data.num_classes} classes, {len(self.data.train_set)} train / {len(self.data.val_set)} val "
+                 f"images, device {self.device}, precision {self.dtype or torch.float32}, "
+                 f"{self.dist.world_size} process(es), run folder {self.run_dir}")
+        with self.stop_on_signals():
+            while self.epoch < t.max_epochs:
+                train = self.train_one_epoch()
+                val = self.validate()
+                self.epoch += 1
+                self.batch_in_epoch = 0
+                is_best = val.acc1 > self.best_acc1
+                if is_best:
+                    self.best_acc1, self.best_epoch = val.acc1, self.epoch
+                self.record_epoch(train, val)
+                self.save("last.pt")
+                if is_best:
+                    self.save("best.pt")
+        if self.resumed_from is not None and self.epoch >= t.max_epochs and "val" not in self.metrics:
+            raise CheckpointError(f"{self.resumed_from} has no validation metrics to report")
+        self.write_metrics()
+        if self.writer:
+            self.writer.close()
+        return self.metrics
+
+    def train_one_epoch(self) -> dict:
+        t = self.cfg.trainer
+        self.train_model.train()
+        self.train_loader.sampler.set_epoch(self.epoch)
+        batches = iter(self.train_loader)
+        if self.batch_in_epoch:
+            # A mid-epoch checkpoint: skip what was done. The sampler order depends only on (seed,
+            # epoch); the generators are restored afterwards, so that the augmentations continue
+            # as in an uninterrupted run (exactly so with num_workers=0).
+            for _ in range(self.batch_in_epoch):
+                next(batches)
+            if self.pending_rng is not None:
+                set_rng_state(self.pending_rng)
+        loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
+        correct = seen = 0
+        start = time.perf_counter()
+        bar = tqdm(total=self.steps_per_epoch, initial=self.batch_in_epoch, desc=f"epoch {self.epoch + 1}/{t.max_epochs}",
+                   disable=not self.show_progress, dynamic_ncols=True, leave=False)
+        while self.batch_in_epoch < self.steps_per_epoch:
+            images, target = next(batches)
+            images = images.to(self.device, non_blocking=True)
+            if t.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            target = target.to(self.device, non_blocking=True)
+            with autocast(self.device, self.dtype):
+                logits = self.train_model(images)
+                loss = self.criterion(logits.float(), target)
+            if not self.loss_is_finite(loss):
+                continue
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(loss).backward()
+            if t.grad_clip is not None:
+                self.scaler.unscale_(self.optimizer)
+                nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.scheduler.step()
+            if self.ema is not None:
+                self.ema.update(self.model)
+            self.step += 1
+            self.batch_in_epoch += 1
+
+            loss_sum += loss.detach() * target.numel()
+            correct += topk_correct(logits.detach(), target, (1,))[0]
+            seen += target.numel()
+            bar.update()
+            if self.step % 10 == 0 or self.batch_in_epoch == self.steps_per_epoch:
+                elapsed = time.perf_counter() - start
+                bar.set_postfix(loss=f"{float(loss.detach()):.3f}", acc=f"{correct / seen:.3f}",
+                                lr=f"{self.optimizer.param_groups[0]['lr']:.3g}",
+                                img_s=f"{seen * self.dist.world_size / elapsed:.0f}")
+                if self.writer:
+                    self.writer.add_scalar("train/loss", float(loss.detach()), self.step)
+                    self.writer.add_scalar("train/acc1", correct / seen, self.step)
+                    self.writer.add_scalar("lr", self.optimizer.param_groups[0]["lr"], self.step)
+            if t.save_every_n_steps and self.step % t.save_every_n_steps == 0 and \
+                    self.batch_in_epoch < self.steps_per_epoch:
+                self.save("last.pt")
+            if self.stop_signal is not None:
+                self.save("last.pt")
+                name = signal.Signals(self.stop_signal).name
+                raise Interrupted(f"stopped by {name} at epoch {self.epoch + 1}, step {self.step}; "
+                                  f"saved {self.ckpt_dir / 'last.pt'}; continue with resume=auto "
+                                  f"(or resume={self.ckpt_dir / 'last.pt'})")
+        bar.close()
+        elapsed = time.perf_counter() - start
+        totals = torch.tensor([float(loss_sum), correct, seen], dtype=torch.float64, device=self.device)
+        totals = distributed.all_reduce_sum(totals, self.dist).cpu()
+        return {"loss": float(totals[0] / totals[2]), "acc1": float(totals[1] / totals[2]),
+                "images_per_s": float(totals[2]) / elapsed, "epoch_time_s": elapsed}
+
+    def loss_is_finite(self, loss: torch.Tensor) -> bool:
+        """Skips up to ``trainer.max_bad_steps`` batches with a NaN/inf loss, then stops the run.
+        Every rank takes the same decision, so DDP never waits on a rank that skipped."""
+        bad = torch.tensor(0.0 if math.isfinite(float(loss.detach())) else 1.0, device=self.device)
+        if float(distributed.all_reduce_sum(bad, self.dist)) == 0:
+            return True
+        self.bad_steps += 1
+        if self.bad_steps > self.cfg.trainer.max_bad_steps:
+            last = self.ckpt_dir / "last.pt"
+            good = f"the last good checkpoint is {last}" if last.exists() else "no checkpoint was written yet"
+            raise NonFiniteLossError(
+                f"loss is {float(loss)} at step {self.step + 1} (epoch {self.epoch + 1}); {good}; lower optim.lr, "
+                f"set trainer.grad_clip, or skip bad batches with trainer.max_bad_steps=N")
+        self.log(f"warning: non-finite loss at step {self.step + 1}, batch skipped "
+                 f"({self.bad_steps}/{self.cfg.trainer.max_bad_steps})")
+        self.batch_in_epoch += 1
+        return False
+
+    def validate(self) -> EvalResult:
+        t = self.cfg.trainer
+        result = evaluate(self.model, self.val_loader, self.device, self.dtype, self.class_names, self.dist,
+                          t.channels_last, t.limit_val_batches, self.show_progress)
+        self.last_confusion = result.confusion
+        if self.ema is not None:
+            self.ema_result = evaluate(self.ema.module, self.val_loader, self.device, self.dtype, self.class_names,
+                                       self.dist, t.channels_last, t.limit_val_batches, self.show_progress, "val ema")
+        return result
+
+    # -- records ------------------------------------------------------------------------------
+
+    def record_epoch(self, train: dict, val: EvalResult) -> None:
+        self.metrics = {"epoch": self.epoch, "step": self.step, "train": train, "val": val.as_dict(),
+                        "best": {"acc1": self.best_acc1, "epoch": self.best_epoch}}
+        ema = ""
+        if self.ema is not None:
+            self.metrics["val_ema"] = self.ema_result.as_dict()
+            ema = f" | ema acc1 {self.ema_result.acc1:.4f}"
+        self.log(f"epoch {self.epoch}/{self.cfg.trainer.max_epochs}: train loss {train['loss']:.4f} "
+                 f"acc1 {train['acc1']:.4f} ({train['images_per_s']:.0f} img/s) | val loss {val.loss:.4f} "
+                 f"acc1 {val.acc1:.4f} acc5 {val.acc5:.4f}{ema}")
+        if self.writer:
+            w = self.writer
+            for key in ("loss", "acc1", "acc5"):
+                w.add_scalar(f"val/{key}", getattr(val, key), self.epoch)
+                if self.ema is not None:
+                    w.add_scalar(f"val_ema/{key}", getattr(self.ema_result, key), self.epoch)
+            w.add_scalar("perf/images_per_s", train["images_per_s"], self.epoch)
+            w.add_scalar("perf/epoch_time_s", train["epoch_time_s"], self.epoch)
+            fig = val.confusion.figure()
+            w.add_figure("val/confusion_matrix", fig, self.epoch, close=True)
+            w.flush()
+
+    def write_metrics(self) -> None:
+        if not self.dist.is_main:
+            return
+        tmp = self.run_dir / ".metrics.json.tmp"
+        tmp.write_text(json.dumps(self.metrics, indent=2))
+        tmp.replace(self.run_dir / "metrics.json")
+        if self.writer and "val" in self.metrics:
+            hparams = {"model": self.cfg.model.name, "data": self.cfg.data.name, "optim": self.cfg.optim.name,
+                       "lr": self.optimizer.param_groups[0]["initial_lr"], "batch_size": self.cfg.data.batch_size,
+                       "epochs": self.cfg.trainer.max_epochs, "precision": self.cfg.trainer.precision}
+            self.writer.add_hparams(hparams, {"hparam/val_acc1": self.metrics["val"]["acc1"],
+                                              "hparam/best_acc1": self.metrics["best"]["acc1"]}, run_name="hparams")
+
+    def log(self, message: str) -> None:
+        if self.dist.is_main:
+            log.info(message)
+
+    @property
+    def show_progress(self) -> bool:
+        mode = self.cfg.trainer.progress
+        return self.dist.is_main and (mode == "bar" or (mode == "auto" and sys.stderr.isatty()))
+
+    # -- checkpoints ----------------------------------------------------------------------------
+
+    def state(self) -> dict:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+            "epoch": self.epoch,
+            "batch_in_epoch": self.batch_in_epoch,
+            "step": self.step,
+            "bad_steps": self.bad_steps,
+            "best_acc1": self.best_acc1,
+            "best_epoch": self.best_epoch,
+            "rng": rng_state(),
+            "config": OmegaConf.to_container(self.cfg, resolve=True),
+            "metrics": self.metrics,
+            "class_names": self.class_names,
+        }
+
+    def save(self, name: str) -> None:
+        """Only rank 0 writes; every rank waits so that no rank races ahead of a checkpoint."""
+        if self.dist.is_main:
+            save_checkpoint(self.state(), self.ckpt_dir / name)
+        distributed.barrier(self.dist)
+
+    def resume(self, path: Path) -> None:
+        ckpt = read_checkpoint(path)
+        missing = [k for k in ("model", "optimizer", "scheduler", "epoch", "step", "rng") if k not in ckpt]
+        if missing:
+            raise CheckpointError(f"{path} cannot resume training: it lacks {', '.join(missing)} "
+                                  f"(weights-only files go in model.pretrained=...)")
+        load_weights(self.model, ckpt["model"])
+        try:
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+        except ValueError as e:
+            raise CheckpointError(f"{path}: its optimizer state does not fit optim={self.cfg.optim.name} ({e}); "
+                                  f"resume with the optim settings it was trained with") from None
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        self.scaler.load_state_dict(ckpt["scaler"])
+        if self.ema is not None and ckpt.get("ema") is not None:
+            self.ema.load_state_dict(ckpt["ema"])
+        self.epoch, self.step = ckpt["epoch"], ckpt["step"]
+        self.batch_in_epoch = ckpt.get("batch_in_epoch", 0)
+        self.bad_steps = ckpt.get("bad_steps", 0)
+        self.best_acc1, self.best_epoch = ckpt.get("best_acc1", -1.0), ckpt.get("best_epoch", -1)
+        self.metrics = dict(ckpt.get("metrics") or {})
+        # Saved by rank 0; other ranks keep their own streams, offset by their rank, so a DDP
+        # resume is exact in the weights and schedule but not in the augmentations.
+        if self.dist.is_main:
+            set_rng_state(ckpt["rng"])
+            self.pending_rng = ckpt["rng"] if self.batch_in_epoch else None
+        self.resumed_from = path
+        self.log(f"resumed from {path}: epoch {self.epoch}, step {self.step}")
+
+    @contextmanager
+    def stop_on_signals(self):
+        """SIGTERM (preemption) and SIGINT (Ctrl-C) finish the current step, save, and stop."""
+        def request_stop(signum, frame):
+            if self.stop_signal is not None:  # a second Ctrl-C: the user insists
+                raise KeyboardInterrupt
+            self.stop_signal = signum
+
+        previous = {s: signal.signal(s, request_stop) for s in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            yield
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)

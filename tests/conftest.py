@@ -1,0 +1,32 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG_DIR = str(ROOT / "configs")
+
+# Tiny, fast settings for end-to-end runs on the CPU.
+FAST = ["trainer.progress=none", "trainer.device=cpu", "data.num_workers=0"]
+
+
+def compose_config(overrides: list[str], name: str = "train"):
+    from rednet.config import register_configs
+
+    register_configs()
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return compose(config_name=name, overrides=overrides)
+
+
+def run_cli(script: str, *args: str, cwd: Path | None = None, timeout: int = 300, env: dict | None = None):
+    """Runs ``python train.py ...`` or ``python eval.py ...`` as a user would."""
+    return subprocess.run([sys.executable, str(ROOT / script), *args], cwd=cwd or ROOT, capture_output=True,
+                          text=True, timeout=timeout, env={**os.environ, **(env or {})})
+
+
+@pytest.fixture
+def compose_cfg():
+    return compose_config
