@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -81,7 +80,7 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
                 f"to load it because unpickling them could run code. Re-save it as a plain state_dict") from None
         raise CheckpointError(f"checkpoint {path} is corrupt ({e}); use another copy, e.g. "
                               f"{previous_path(path).name}") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
+    except Exception as e:  # anything else the unpickler meets in a damaged file: EOFError, KeyError, ...
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise CheckpointError(f"checkpoint {path} is truncated or corrupt ({reason}); use another copy, "
                               f"e.g. {previous_path(path).name}") from None
