@@ -273,6 +273,11 @@ class Trainer:
 
     def validate(self) -> EvalResult:
         t = self.cfg.trainer
+        # Each rank updated its BN statistics with its own last batch; validate rank 0's, which
+        # is what the checkpoint holds, so a single-process eval of it gives the same numbers.
+        distributed.broadcast_buffers(self.model, self.dist)
+        if self.ema is not None:
+            distributed.broadcast_buffers(self.ema, self.dist)
         result = evaluate(self.model, self.val_loader, self.device, self.dtype, self.class_names, self.dist,
                           t.channels_last, t.limit_val_batches, self.show_progress)
         self.last_confusion = result.confusion
@@ -349,9 +354,10 @@ class Trainer:
         }
 
     def save(self, name: str) -> None:
-        """Only rank 0 writes; every rank waits so that no rank races ahead of a checkpoint."""
+        """Only rank 0 writes; every rank waits so that no rank races ahead of a checkpoint.
+        ``last.pt`` keeps its predecessor as ``last.prev.pt``; ``best.pt`` needs no second copy."""
         if self.dist.is_main:
-            save_checkpoint(self.state(), self.ckpt_dir / name)
+            save_checkpoint(self.state(), self.ckpt_dir / name, keep_previous=name == "last.pt")
         distributed.barrier(self.dist)
 
     def resume(self, path: Path) -> None:
