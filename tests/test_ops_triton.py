@@ -1,0 +1,187 @@
+"""The fused Triton involution kernels, run on the CPU through Triton's interpreter.
+
+TRITON_INTERPRET is set per test (the ``interpreter`` fixture), not at the top of this module.
+pytest imports every test module before running any test, so a module-level ``os.environ`` write
+would stay set for the whole suite: ``available_impls("cpu")`` would then rank "triton" first and
+every ``impl="auto"`` in the other tests, and every ``train.py`` subprocess they start, would run
+through the interpreter. It is also not needed: ``triton.jit`` reads the variable when a kernel is
+decorated, but :mod:`rednet.ops.triton_kernels` builds its interpreted kernels explicitly and picks
+them from the tensor's device, so the order in which modules import ``triton`` or ``rednet`` does
+not matter. Only the dispatcher's opt-in reads the variable, at call time.
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytest.importorskip("triton", reason="triton is not installed; the fused kernels register only with it")
+
+from rednet.ops import available_impls, involution, involution_unfold, output_size  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
+def make_inputs(b, c, groups, h, w, k, s, d, dtype=torch.float32, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, c, h, w, generator=gen).to(dtype)
+    weight = torch.randn(b, groups, k * k, output_size(h, k, s, d), output_size(w, k, s, d), generator=gen).to(dtype)
+    return x, weight
+
+
+def forward_and_grads(impl, x, weight, k, s, d, grad_out=None):
+    x, weight = x.detach().requires_grad_(), weight.detach().requires_grad_()
+    out = involution(x, weight, k, s, d, impl=impl)
+    if grad_out is None:
+        grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out.dtype)
+    grad_x, grad_w = torch.autograd.grad(out, (x, weight), grad_out)
+    return out, grad_x, grad_w
+
+
+def assert_matches_unfold(x, weight, k, s, d, rtol=1e-5, atol=1e-5):
+    got = forward_and_grads("triton", x, weight, k, s, d)
+    want = forward_and_grads("unfold", x, weight, k, s, d)
+    for name, g, r in zip(("out", "grad_x", "grad_weight"), got, want):
+        assert g.dtype == r.dtype and g.shape == r.shape, name
+        torch.testing.assert_close(g, r, rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
+
+
+def test_registered_only_when_interpreting(monkeypatch):
+    assert available_impls("cpu")[0] == "triton"  # rank 10 beats unfold's 100
+    monkeypatch.delenv("TRITON_INTERPRET")
+    assert "triton" not in available_impls("cpu")
+
+
+# Batch 1 for K = 7 keeps the interpreter quick; the other sizes are odd and non-square throughout.
+@pytest.mark.parametrize("k", [1, 3, 7])
+@pytest.mark.parametrize("s", [1, 2])
+@pytest.mark.parametrize("d", [1, 2])
+def test_fp32_matches_unfold(k, s, d):
+    b, h, w = (1, 11, 9) if k == 7 else (2, 9, 7)
+    assert_matches_unfold(*make_inputs(b, 8, 2, h, w, k, s, d), k, s, d)
+
+
+# Group widths of 12 (two channel blocks, the second partial), 3 and 1, and a 13x11 image that
+# spans several pixel blocks in the interpreter's configuration.
+@pytest.mark.parametrize("c, groups", [(12, 1), (9, 3), (4, 4)])
+@pytest.mark.parametrize("k, s, d", [(3, 1, 1), (5, 2, 2)])
+def test_group_widths_and_blocks(c, groups, k, s, d):
+    assert_matches_unfold(*make_inputs(1, c, groups, 13, 11, k, s, d), k, s, d)
+
+
+def test_non_contiguous_inputs():
+    k, s, d = 3, 2, 1
+    x, weight = make_inputs(2, 8, 2, 9, 11, k, s, d)
+    x_cl = x.to(memory_format=torch.channels_last)
+    # A weight that is a slice of a bigger tensor, as a channel split of a conv output would be.
+    w_big = torch.cat([weight, torch.randn_like(weight)], dim=2)[:, :, : k * k]
+    assert not x_cl.is_contiguous() and not w_big.is_contiguous()
+    got = forward_and_grads("triton", x_cl, w_big, k, s, d)
+    want = forward_and_grads("unfold", x, weight, k, s, d)
+    for g, r in zip(got, want):
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5)
+
+
+def test_backward_is_deterministic():
+    x, weight = make_inputs(1, 12, 1, 13, 11, 3, 1, 1)
+    first = forward_and_grads("triton", x, weight, 3, 1, 1)
+    second = forward_and_grads("triton", x, weight, 3, 1, 1)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+def test_only_the_requested_gradient():
+    x, weight = make_inputs(1, 4, 2, 7, 5, 3, 1, 1)
+    weight.requires_grad_()
+    out = involution(x, weight, 3, 1, 1, impl="triton")
+    (grad_w,) = torch.autograd.grad(out.sum(), weight)  # the expanded grad_out of sum() as well
+    want = torch.autograd.grad(involution_unfold(x, weight, 3, 1, 1).sum(), weight)[0]
+    torch.testing.assert_close(grad_w, want)
+
+
+def test_gradcheck_float64_exhaustive():
+    # Float64 is accumulated in float64, so the full finite-difference Jacobian can be checked;
+    # the shape is tiny because each Jacobian column is one interpreted launch.
+    x, weight = make_inputs(1, 2, 1, 3, 4, 3, 2, 1, dtype=torch.float64)
+    x.requires_grad_(), weight.requires_grad_()
+    assert torch.autograd.gradcheck(lambda a, b: involution(a, b, 3, 2, 1, impl="triton"), (x, weight))
+
+
+@pytest.mark.parametrize("k, s, d, groups", [(3, 1, 1, 2), (3, 2, 2, 1), (5, 1, 2, 3), (7, 2, 1, 1)])
+def test_gradcheck_float64(k, s, d, groups):
+    # fast_mode checks random projections of the Jacobian instead of every column.
+    x, weight = make_inputs(1, 6, groups, 7, 6, k, s, d, dtype=torch.float64)
+    x.requires_grad_(), weight.requires_grad_()
+    assert torch.autograd.gradcheck(lambda a, b: involution(a, b, k, s, d, impl="triton"), (x, weight),
+                                    fast_mode=True)
+
+
+def _violations(got, exact, magnitude, dtype):
+    """Fraction of elements off the float64 value by more than one unit in the last place of dtype.
+
+    Correct rounding of a float32-accumulated sum is at most half a unit off; the ``magnitude``
+    term (the sum of the absolute products) allows for float32 rounding where terms cancel.
+    """
+    bound = torch.finfo(dtype).eps * exact.abs() + 2.0 ** -20 * magnitude
+    return ((got.double() - exact).abs() > bound).double().mean().item()
+
+
+def _accumulate_in(dtype, x, weight, k, s, d):
+    """The involution summed tap by tap in ``dtype``: what a kernel without fp32 accumulation gives."""
+    b, c, h, w = x.shape
+    groups, kk, ho, wo = weight.shape[1:]
+    cols = F.unfold(x.double(), k, dilation=d, padding=d * (k - 1) // 2, stride=s)
+    products = weight.double().unsqueeze(2) * cols.view(b, groups, c // groups, kk, ho, wo)
+    acc = torch.zeros(b, groups, c // groups, ho, wo, dtype=dtype)
+    for tap in range(kk):
+        acc = (acc.double() + products[:, :, :, tap]).to(dtype)
+    return acc.view(b, c, ho, wo)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_accumulates_in_fp32(dtype):
+    # K = 7: 49 products per output, enough for low-precision accumulation to drift visibly.
+    k, s, d = 7, 1, 1
+    x, weight = make_inputs(1, 16, 1, 9, 11, k, s, d, dtype=dtype)
+    out, grad_x, grad_w = forward_and_grads("triton", x, weight, k, s, d)
+    assert out.dtype == grad_x.dtype == grad_w.dtype == dtype
+
+    # The exact value for the same low-precision inputs, and the float32 reference.
+    exact = involution_unfold(x.double(), weight.double(), k, s, d)
+    magnitude = involution_unfold(x.double().abs(), weight.double().abs(), k, s, d)
+    assert _violations(out, exact, magnitude, dtype) == 0
+    # The same check is sharp enough to catch accumulation in the input dtype.
+    assert _violations(_accumulate_in(dtype, x, weight, k, s, d), exact, magnitude, dtype) > 0.1
+
+    want = forward_and_grads("unfold", x.float(), weight.float(), k, s, d, grad_out=torch.randn(
+        out.shape, generator=torch.Generator().manual_seed(1)).to(dtype).float())
+    eps = torch.finfo(dtype).eps
+    for got, ref in zip((out, grad_x, grad_w), want):
+        torch.testing.assert_close(got.float(), ref, rtol=eps, atol=eps * ref.abs().max().item())
+
+
+def test_unsupported_dtype_is_refused():
+    x, weight = make_inputs(1, 2, 1, 5, 5, 3, 1, 1)
+    with pytest.raises(TypeError, match="triton involution supports"):
+        involution(x.to(torch.int32), weight.to(torch.int32), 3, impl="triton")
+
+
+def test_import_without_triton():
+    # Blocking the import makes ``import triton`` raise ImportError, as on a machine without it.
+    code = ("import sys; sys.modules['triton'] = None\n"
+            "import torch\n"
+            "from rednet.ops import available_impls, involution\n"
+            "assert 'triton' not in available_impls('cpu') and 'triton' not in available_impls('cuda')\n"
+            "involution(torch.randn(1, 2, 5, 5), torch.randn(1, 1, 9, 5, 5), 3)\n")
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    result = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
