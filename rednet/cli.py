@@ -41,9 +41,9 @@ def one_line(error: BaseException) -> str:
     return text
 
 
-def fail(message: str) -> None:
+def fail(message: str, exit_code: int = EXIT_USER_ERROR) -> None:
     print(f"error: {message}", file=sys.stderr)
-    sys.exit(EXIT_USER_ERROR)
+    sys.exit(exit_code)
 
 
 def preflight(config_name: str, argv: list[str]) -> None:
@@ -90,7 +90,7 @@ def guarded(task):
             return task(cfg)
         except UserError as e:
             logging.getLogger("rednet").debug("user error", exc_info=True)
-            fail(one_line(e))
+            fail(one_line(e), e.exit_code)
         finally:
             from rednet.engine.distributed import cleanup
 

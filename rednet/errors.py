@@ -5,6 +5,8 @@ line and exit with status 2, without a traceback; anything else is a bug and kee
 class UserError(Exception):
     """A mistake in a config value, a path, a checkpoint or data the user supplied."""
 
+    exit_code = 2
+
 
 class ConfigError(UserError, ValueError):
     pass

@@ -44,7 +44,11 @@ class NonFiniteLossError(UserError):
 
 
 class Interrupted(UserError):
-    """SIGTERM or SIGINT arrived; the run saved its state and stops."""
+    """SIGTERM or SIGINT arrived; the run saved its state and stops with the shell's 128 + signal."""
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.exit_code = 128 + signum
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
@@ -165,6 +169,8 @@ class Trainer:
         with self.stop_on_signals():
             while self.epoch < t.max_epochs:
                 train = self.train_one_epoch()
+                if self.stop_signal is not None:  # validation can take minutes: save the epoch first
+                    self.stop()
                 val = self.validate()
                 self.epoch += 1
                 self.batch_in_epoch = 0
@@ -175,6 +181,10 @@ class Trainer:
                 self.save("last.pt")
                 if is_best:
                     self.save("best.pt")
+                if self.stop_signal is not None and self.epoch < t.max_epochs:
+                    raise Interrupted(f"stopped by {signal.Signals(self.stop_signal).name} after epoch {self.epoch}; "
+                                      f"saved {self.ckpt_dir / 'last.pt'}; continue with resume=auto",
+                                      self.stop_signal)
         if self.resumed_from is not None and self.epoch >= t.max_epochs and "val" not in self.metrics:
             raise CheckpointError(f"{self.resumed_from} has no validation metrics to report")
         self.write_metrics()
@@ -241,30 +251,44 @@ class Trainer:
                     self.batch_in_epoch < self.steps_per_epoch:
                 self.save("last.pt")
             if self.stop_signal is not None:
-                self.save("last.pt")
-                name = signal.Signals(self.stop_signal).name
-                raise Interrupted(f"stopped by {name} at epoch {self.epoch + 1}, step {self.step}; "
-                                  f"saved {self.ckpt_dir / 'last.pt'}; continue with resume=auto "
-                                  f"(or resume={self.ckpt_dir / 'last.pt'})")
+                self.stop()
         bar.close()
+        if seen == 0:  # resumed from a checkpoint taken between training and validation
+            return self.metrics.get("train", {"loss": float("nan"), "acc1": float("nan"), "images_per_s": 0.0,
+                                              "epoch_time_s": 0.0})
         elapsed = time.perf_counter() - start
         totals = torch.tensor([float(loss_sum), correct, seen], dtype=torch.float64, device=self.device)
         totals = distributed.all_reduce_sum(totals, self.dist).cpu()
         return {"loss": float(totals[0] / totals[2]), "acc1": float(totals[1] / totals[2]),
                 "images_per_s": float(totals[2]) / elapsed, "epoch_time_s": elapsed}
 
+    def stop(self) -> None:
+        """Saves where the run is and ends it, after a SIGTERM or SIGINT."""
+        self.save("last.pt")
+        name = signal.Signals(self.stop_signal).name
+        raise Interrupted(f"stopped by {name} at epoch {self.epoch + 1}, step {self.step}; saved "
+                          f"{self.ckpt_dir / 'last.pt'}; continue with resume=auto (or resume={self.ckpt_dir / 'last.pt'})",
+                          self.stop_signal)
+
     def loss_is_finite(self, loss: torch.Tensor) -> bool:
         """Skips up to ``trainer.max_bad_steps`` batches with a NaN/inf loss, then stops the run.
-        Every rank takes the same decision, so DDP never waits on a rank that skipped."""
-        bad = torch.tensor(0.0 if math.isfinite(float(loss.detach())) else 1.0, device=self.device)
-        if float(distributed.all_reduce_sum(bad, self.dist)) == 0:
+
+        The flags are summed over ranks, so every rank takes the same decision: DDP never waits on
+        a rank that skipped, and a signal that reached one rank stops them all at the same step.
+        """
+        flags = torch.tensor([0.0 if math.isfinite(float(loss.detach())) else 1.0,
+                              0.0 if self.stop_signal is None else float(self.stop_signal)], device=self.device)
+        bad, stop = distributed.all_reduce_sum(flags, self.dist).tolist()
+        if stop and self.stop_signal is None:
+            self.stop_signal = signal.SIGTERM
+        if bad == 0:
             return True
         self.bad_steps += 1
         if self.bad_steps > self.cfg.trainer.max_bad_steps:
             last = self.ckpt_dir / "last.pt"
             good = f"the last good checkpoint is {last}" if last.exists() else "no checkpoint was written yet"
             raise NonFiniteLossError(
-                f"loss is {float(loss)} at step {self.step + 1} (epoch {self.epoch + 1}); {good}; lower optim.lr, "
+                f"loss is {float(loss.detach())} at step {self.step + 1} (epoch {self.epoch + 1}); {good}; lower optim.lr, "
                 f"set trainer.grad_clip, or skip bad batches with trainer.max_bad_steps=N")
         self.log(f"warning: non-finite loss at step {self.step + 1}, batch skipped "
                  f"({self.bad_steps}/{self.cfg.trainer.max_bad_steps})")

@@ -1,0 +1,105 @@
+"""Faults: preemption signals, a full disk, non-finite losses. Nothing is lost, and each ends in one clear line."""
+
+import errno
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from rednet.engine import checkpoint as ckpt_io
+from rednet.engine.checkpoint import read_checkpoint, save_checkpoint
+from rednet.engine.trainer import NonFiniteLossError, Trainer
+from rednet.errors import CheckpointError
+from tests.conftest import FAST, ROOT, compose_config
+
+RUN = ["data=digits", "model=rednet18", "data.batch_size=32", "trainer.max_epochs=2", "trainer.limit_train_batches=6",
+       "trainer.limit_val_batches=3", "trainer.progress=none", "trainer.device=cpu"]
+
+
+def test_sigterm_saves_and_resume_auto_finishes_like_an_uninterrupted_run(tmp_path):
+    def train(*extra, cwd):
+        return subprocess.Popen([sys.executable, str(ROOT / "train.py"), *RUN, *extra], cwd=cwd,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    straight = train("hydra.run.dir=straight", cwd=tmp_path)
+    assert straight.wait(timeout=300) == 0, straight.stderr.read()
+
+    work = tmp_path / "work"
+    work.mkdir()
+    proc = train("trainer.save_every_n_steps=2", "hydra.run.dir=outputs/first", cwd=work)
+    last = work / "outputs/first/checkpoints/last.pt"
+    deadline = time.monotonic() + 300
+    while not last.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 128 + signal.SIGTERM, stderr
+    assert "Traceback" not in stderr
+    errors = [line for line in stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "stopped by SIGTERM" in errors[0] and "resume=auto" in errors[0]
+    state = read_checkpoint(last)
+    assert state["epoch"] * 6 + state["batch_in_epoch"] == state["step"] < 12  # stopped part-way
+
+    resumed = train("resume=auto", "hydra.run.dir=outputs/resumed", cwd=work)
+    _, stderr = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, stderr
+    a = json.loads((tmp_path / "straight/metrics.json").read_text())
+    b = json.loads((work / "outputs/resumed/metrics.json").read_text())
+    assert (b["epoch"], b["step"], b["val"]) == (a["epoch"], a["step"], a["val"])
+
+
+def test_full_disk_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    save_checkpoint({"epoch": 1, "w": torch.ones(3)}, path)
+    before = path.read_bytes()
+
+    def disk_full(obj, f):
+        f.write(b"partial bytes")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ckpt_io.torch, "save", disk_full)
+    with pytest.raises(CheckpointError, match="could not write checkpoint .*last.pt: No space left on device; "
+                                              "the previous checkpoint there is intact"):
+        save_checkpoint({"epoch": 2}, path)
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]  # no temporary file left behind
+
+
+def test_atomic_save_keeps_the_previous_as_prev(tmp_path):
+    path = tmp_path / "last.pt"
+    save_checkpoint({"epoch": 1}, path)
+    save_checkpoint({"epoch": 2}, path)
+    assert read_checkpoint(path)["epoch"] == 2
+    assert read_checkpoint(tmp_path / "last.prev.pt")["epoch"] == 1
+
+
+def nan_on_calls(trainer, calls):
+    criterion, count = trainer.criterion, {"n": 0}
+
+    def loss(logits, target):
+        count["n"] += 1
+        value = criterion(logits, target)
+        return value * float("nan") if count["n"] in calls else value
+
+    trainer.criterion = loss
+
+
+def test_non_finite_loss_stops_naming_the_step_and_checkpoint(tmp_path):
+    trainer = Trainer(compose_config(FAST + RUN), tmp_path / "run")
+    nan_on_calls(trainer, {8})  # step 2 of epoch 2, after the epoch-1 checkpoint
+    with pytest.raises(NonFiniteLossError, match=r"loss is nan at step 8 \(epoch 2\); the last good checkpoint is "
+                                                 r".*checkpoints/last.pt; .*trainer.max_bad_steps=N"):
+        trainer.fit()
+    assert read_checkpoint(tmp_path / "run/checkpoints/last.pt")["epoch"] == 1
+
+
+def test_non_finite_loss_can_be_skipped(tmp_path):
+    trainer = Trainer(compose_config(FAST + RUN + ["trainer.max_bad_steps=2"]), tmp_path / "run")
+    nan_on_calls(trainer, {2, 9})
+    metrics = trainer.fit()
+    assert metrics["epoch"] == 2 and metrics["step"] == 10  # two batches skipped
+    assert torch.isfinite(torch.tensor(metrics["val"]["loss"]))
