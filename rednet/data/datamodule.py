@@ -1,0 +1,157 @@
+"""The DataModule that every dataset builds, and :func:`build_datamodule`, which picks the builder."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from functools import cached_property
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from torchvision import transforms
+
+from rednet.config import DataConfig
+from rednet.data.samplers import ShardSampler
+from rednet.errors import DataError
+
+DATASETS = ("cifar10", "cifar100", "imagenet", "digits", "fake")
+
+
+class DataModule:
+    """A training and a validation set, what the model needs to know about them, and their loaders.
+
+    The sets are built on first access. Building a DataModule reads only what names the classes
+    (a meta file, folder names), so evaluating never lists the training images of a large
+    ImageFolder tree, and a user mistake in the layout is reported before anything slow starts.
+    """
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        class_names: Sequence[str],
+        in_chans: int,
+        image_size: int,
+        make_train_set: Callable[[], Dataset],
+        make_val_set: Callable[[], Dataset],
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        persistent_workers: bool = False,
+        collate_fn: Callable[[list], Any] | None = None,
+    ) -> None:
+        self.name = name
+        self.class_names = list(class_names)
+        self.in_chans = in_chans
+        self.image_size = image_size
+        self._make_train_set = make_train_set
+        self._make_val_set = make_val_set
+        self.num_workers = num_workers
+        self.pin_memory = pin_memory
+        self.persistent_workers = persistent_workers
+        self.collate_fn = collate_fn
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @cached_property
+    def train_set(self) -> Dataset:
+        return self._make_train_set()
+
+    @cached_property
+    def val_set(self) -> Dataset:
+        return self._make_val_set()
+
+    def train_loader(self, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0) -> DataLoader:
+        """Shuffled batches of ``batch_size`` (per rank); call ``loader.sampler.set_epoch(epoch)``.
+
+        The sampler is a ``DistributedSampler`` even on one process, so the order is a pure
+        function of (seed, epoch) and a resumed run replays it exactly.
+        """
+        dataset = self.train_set
+        per_rank = len(dataset) // world_size
+        if per_rank < batch_size:
+            # drop_last would silently give an empty epoch.
+            raise DataError(
+                f"the {self.name} training set has {len(dataset)} images, {per_rank} per rank: fewer than one "
+                f"batch of {batch_size} per rank; lower data.batch_size or add training images")
+        sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed,
+                                     drop_last=True)
+        return self._loader(dataset, batch_size, sampler, drop_last=True)
+
+    def val_loader(self, batch_size: int, rank: int = 0, world_size: int = 1) -> DataLoader:
+        """Every validation sample exactly once across ranks, in a fixed order, with no padding."""
+        dataset = self.val_set
+        return self._loader(dataset, batch_size, ShardSampler(len(dataset), rank, world_size), drop_last=False)
+
+    def _loader(self, dataset: Dataset, batch_size: int, sampler: Sampler, drop_last: bool) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            sampler=sampler,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory and torch.cuda.is_available(),
+            persistent_workers=self.num_workers > 0 and self.persistent_workers,
+            drop_last=drop_last,
+            collate_fn=self.collate_fn,
+        )
+
+    def __repr__(self) -> str:
+        return (f"DataModule(name={self.name!r}, num_classes={self.num_classes}, in_chans={self.in_chans}, "
+                f"image_size={self.image_size})")
+
+
+def build_datamodule(cfg: DataConfig | DictConfig | dict) -> DataModule:
+    """The DataModule for ``cfg.name``: cifar10, cifar100, imagenet (any ImageFolder tree), digits or fake."""
+    if isinstance(cfg, dict):
+        cfg = OmegaConf.merge(OmegaConf.structured(DataConfig), cfg)
+    name = cfg.name
+    # Imported here so that a run pays only for its own dataset (scikit-learn takes seconds).
+    if name in ("cifar10", "cifar100"):
+        from rednet.data.cifar import build_cifar
+        return build_cifar(cfg)
+    if name == "imagenet":
+        from rednet.data.folder import build_imagefolder
+        return build_imagefolder(cfg)
+    if name == "digits":
+        from rednet.data.digits import build_digits
+        return build_digits(cfg)
+    if name == "fake":
+        from rednet.data.fake import build_fake
+        return build_fake(cfg)
+    raise DataError(f"data.name={name} is not a dataset; choose one of: {', '.join(DATASETS)}")
+
+
+# Helpers for the dataset builders.
+
+def one_line(text: object) -> str:
+    """``text`` with its line breaks folded: DataError messages are printed as one line."""
+    return " ".join(str(text).split())
+
+
+def loader_kwargs(cfg: DataConfig | DictConfig) -> dict[str, Any]:
+    return {"num_workers": cfg.num_workers, "pin_memory": cfg.pin_memory,
+            "persistent_workers": cfg.persistent_workers}
+
+
+def normalize(cfg: DataConfig | DictConfig, in_chans: int, what: str) -> transforms.Normalize:
+    """``Normalize(cfg.mean, cfg.std)``, after checking there is one value per channel.
+
+    A 3-value mean on 1-channel images would broadcast to 3 channels without any error.
+    """
+    mean, std = [float(v) for v in cfg.mean], [float(v) for v in cfg.std]
+    if len(mean) != in_chans or len(std) != in_chans:
+        raise DataError(
+            f"data.mean has {len(mean)} values and data.std has {len(std)}, but {what} has {in_chans} "
+            f"channel(s); give data.mean and data.std {in_chans} value(s) each")
+    if min(std) <= 0:
+        raise DataError(f"data.std={std} must be positive")
+    return transforms.Normalize(mean, std)
+
+
+def check_fixed(cfg: DataConfig | DictConfig, key: str, actual: int, what: str) -> None:
+    """Refuses a setting that the data fixes, rather than ignoring the user's value."""
+    value = cfg[key] if isinstance(cfg, DictConfig) else getattr(cfg, key)
+    if value != actual:
+        raise DataError(f"data.{key}={value} does not match {what}, whose {key} is {actual}; set data.{key}={actual}")

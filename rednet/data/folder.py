@@ -1,0 +1,142 @@
+"""ImageNet, or any image-classification tree in the ImageFolder layout:
+``root/train/<class>/<image>`` and ``root/val/<class>/<image>``."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from functools import partial
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+from PIL import Image
+from torch.utils.data import default_collate
+from torchvision import datasets, transforms
+from torchvision.datasets.folder import IMG_EXTENSIONS
+
+from rednet.config import DataConfig
+from rednet.data.datamodule import DataModule, loader_kwargs, normalize, one_line
+from rednet.errors import DataError
+
+# What PIL raises on a file that is not a whole, decodable image (UnidentifiedImageError and
+# "image file is truncated" are OSErrors; some broken headers raise SyntaxError or ValueError).
+IMAGE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+MODES = {1: "L", 3: "RGB"}
+MAX_LISTED = 5
+
+
+def open_image(path: str, mode: str) -> Image.Image:
+    with Image.open(path) as image:
+        return image.convert(mode)  # convert() decodes the whole file, so a truncated one fails here
+
+
+class ImageFolder(datasets.ImageFolder):
+    """torchvision's ImageFolder with a fixed class list and a policy for unreadable images.
+
+    ``bad_images="error"`` raises a DataError naming the file; ``"skip"`` warns and returns None,
+    which :class:`SkipNone` drops from the batch, so a broken file never yields a wrong label or
+    a substitute image.
+    """
+
+    def __init__(self, root: str, classes: list[str], mode: str, bad_images: str,
+                 transform: Any = None) -> None:
+        # Both splits must map a class to the same index, whatever folders each one holds.
+        self._fixed_classes = list(classes)
+        self.bad_images = bad_images
+        super().__init__(root, transform=transform, loader=partial(open_image, mode=mode), allow_empty=True)
+
+    def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
+        return self._fixed_classes, {name: i for i, name in enumerate(self._fixed_classes)}
+
+    def __getitem__(self, index: int) -> tuple[Any, int] | None:
+        path, target = self.samples[index]
+        try:
+            image = self.loader(path)
+        except IMAGE_ERRORS as exc:
+            if self.bad_images != "skip":
+                raise DataError(f"unreadable image {path} ({type(exc).__name__}: {one_line(exc)}); delete or "
+                                f"replace it, or set data.bad_images=skip") from exc
+            warnings.warn(f"skipping unreadable image {path} ({type(exc).__name__}: {one_line(exc)})",
+                          stacklevel=2)
+            return None
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, target
+
+
+class SkipNone:
+    """Collates the samples that loaded; an all-bad batch becomes an empty batch of the right shape."""
+
+    def __init__(self, in_chans: int, image_size: int) -> None:
+        self.empty_shape = (0, in_chans, image_size, image_size)
+
+    def __call__(self, batch: list) -> Any:
+        kept = [sample for sample in batch if sample is not None]
+        if kept:
+            return default_collate(kept)
+        return torch.empty(self.empty_shape), torch.empty(0, dtype=torch.long)
+
+
+def class_folders(directory: str) -> list[str]:
+    # Hidden folders (.ipynb_checkpoints, .thumbnails) are never classes.
+    return sorted(entry.name for entry in os.scandir(directory) if entry.is_dir() and not entry.name.startswith("."))
+
+
+def _listed(names: set[str]) -> str:
+    shown = sorted(names)[:MAX_LISTED]
+    more = f" (+{len(names) - MAX_LISTED} more)" if len(names) > MAX_LISTED else ""
+    return ", ".join(shown) + more
+
+
+def _load(directory: str, classes: list[str], mode: str, bad_images: str, transform: Any) -> ImageFolder:
+    dataset = ImageFolder(directory, classes, mode, bad_images, transform)
+    empty = set(classes) - {classes[target] for target in dataset.targets}
+    if empty:
+        raise DataError(
+            f"no images in {directory} for {len(empty)} class(es): {_listed(empty)} (looked for "
+            f"{', '.join(IMG_EXTENSIONS)}); add images, or remove these class folders from both train and val")
+    return dataset
+
+
+def build_imagefolder(cfg: DataConfig | DictConfig) -> DataModule:
+    root = str(cfg.root)
+    layout = "data.root must hold train/<class>/<image> and val/<class>/<image>"
+    if not os.path.isdir(root):
+        raise DataError(f"data.root={root} is not a folder; {layout}")
+    dirs = {split: os.path.join(root, split) for split in ("train", "val")}
+    for split, directory in dirs.items():
+        if not os.path.isdir(directory):
+            raise DataError(f"the {split} split {directory} is not a folder; {layout}")
+    folders = {split: class_folders(directory) for split, directory in dirs.items()}
+    for split, names in folders.items():
+        if not names:
+            raise DataError(f"no class folders in {dirs[split]}; {layout}, one folder per class")
+    if folders["train"] != folders["val"]:
+        train, val = set(folders["train"]), set(folders["val"])
+        parts = [f"only in {dirs[split]}: {_listed(only)}"
+                 for split, only in (("train", train - val), ("val", val - train)) if only]
+        raise DataError(f"train and val class folders differ ({'; '.join(parts)}); "
+                        f"give both splits the same class folders")
+    classes = folders["train"]
+    if cfg.in_chans not in MODES:
+        raise DataError(f"data.in_chans={cfg.in_chans} is not supported for image folders; set 3 (RGB) or 1 (grey)")
+    if cfg.bad_images not in ("error", "skip"):
+        raise DataError(f"data.bad_images={cfg.bad_images} is not valid; choose one of: error, skip")
+    if cfg.val_resize < cfg.image_size:
+        raise DataError(f"data.val_resize={cfg.val_resize} is smaller than data.image_size={cfg.image_size}, so the "
+                        f"validation crop would be padded; set data.val_resize >= data.image_size")
+    size = cfg.image_size
+    norm = normalize(cfg, cfg.in_chans, f"the image folder {root} (data.in_chans={cfg.in_chans})")
+    train_tf = transforms.Compose([transforms.RandomResizedCrop(size), transforms.RandomHorizontalFlip(),
+                                   transforms.ToTensor(), norm])
+    val_tf = transforms.Compose([transforms.Resize(cfg.val_resize), transforms.CenterCrop(size),
+                                 transforms.ToTensor(), norm])
+    mode = MODES[cfg.in_chans]
+    return DataModule(
+        name=cfg.name, class_names=classes, in_chans=cfg.in_chans, image_size=size,
+        make_train_set=partial(_load, dirs["train"], classes, mode, cfg.bad_images, train_tf),
+        make_val_set=partial(_load, dirs["val"], classes, mode, cfg.bad_images, val_tf),
+        collate_fn=SkipNone(cfg.in_chans, size) if cfg.bad_images == "skip" else None,
+        **loader_kwargs(cfg),
+    )
