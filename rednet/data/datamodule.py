@@ -8,11 +8,11 @@ from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import transforms
 
 from rednet.config import DataConfig
-from rednet.data.samplers import ShardSampler
+from rednet.data.samplers import ResumableDistributedSampler, ShardSampler
 from rednet.errors import DataError
 
 DATASETS = ("cifar10", "cifar100", "imagenet", "digits", "fake")
@@ -76,7 +76,7 @@ class DataModule:
             raise DataError(
                 f"the {self.name} training set has {len(dataset)} images, {per_rank} per rank: fewer than one "
                 f"batch of {batch_size} per rank; lower data.batch_size or add training images")
-        sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed,
+        sampler = ResumableDistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed,
                                      drop_last=True)
         return self._loader(dataset, batch_size, sampler, drop_last=True)
 

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
 
-from torch.utils.data import Sampler
+from torch.utils.data import DistributedSampler, Sampler
 
 
 class ShardSampler(Sampler[int]):
@@ -27,3 +28,26 @@ class ShardSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return len(range(self.rank, self.dataset_len, self.world_size))
+
+
+class ResumableDistributedSampler(DistributedSampler):
+    """``DistributedSampler`` that can start its next pass part-way, for mid-epoch resume.
+
+    ``skip_next(n)`` drops the first ``n`` indices of the next ``__iter__`` only, so a resumed run
+    neither loads nor decodes the samples it already trained on.
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._skip = 0
+
+    def skip_next(self, n: int) -> None:
+        self._skip = n
+
+    def __iter__(self) -> Iterator[int]:
+        # DataLoader asks for the iterator lazily, at the first batch: consume the skip here.
+        skip, self._skip = self._skip, 0
+        return itertools.islice(super().__iter__(), skip, None)
+
+    def __len__(self) -> int:
+        return self.num_samples - self._skip

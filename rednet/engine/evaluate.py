@@ -94,7 +94,8 @@ def evaluate_checkpoint(cfg, run_dir: str | Path) -> EvalResult:
     run_dir = Path(distributed.broadcast_object(str(run_dir), dist))
     dtype = resolve_precision(t.precision, device)
     ckpt = read_checkpoint(cfg.ckpt)
-    data = build_datamodule(cfg.data)
+    with distributed.main_first(dist):
+        data = build_datamodule(cfg.data)
     head = state_dict_of(ckpt).get("head.fc.weight")
     if head is not None and head.shape[0] != data.num_classes:
         raise CheckpointError(f"checkpoint {cfg.ckpt} has {head.shape[0]} classes but data={cfg.data.name} has "

@@ -114,7 +114,8 @@ class Trainer:
         self.dtype = resolve_precision(t.precision, self.device)
         seed_everything(t.seed + self.dist.rank, t.deterministic)
 
-        self.data = build_datamodule(cfg.data)
+        with distributed.main_first(self.dist):  # one download, not one per rank
+            self.data = build_datamodule(cfg.data)
         self.class_names = list(self.data.class_names)
         self.train_loader = self.data.train_loader(self.batch_per_rank, self.dist.rank, self.dist.world_size, t.seed)
         self.val_loader = self.data.val_loader(self.batch_per_rank, self.dist.rank, self.dist.world_size)
@@ -196,15 +197,14 @@ class Trainer:
         t = self.cfg.trainer
         self.train_model.train()
         self.train_loader.sampler.set_epoch(self.epoch)
+        # After a mid-epoch checkpoint the sampler starts where the run stopped; its order depends
+        # only on (seed, epoch). The generators are restored once the loader has drawn its seed,
+        # so the augmentations continue as in an uninterrupted run (exactly so with num_workers=0).
+        self.train_loader.sampler.skip_next(self.batch_in_epoch * self.batch_per_rank)
         batches = iter(self.train_loader)
-        if self.batch_in_epoch:
-            # A mid-epoch checkpoint: skip what was done. The sampler order depends only on (seed,
-            # epoch); the generators are restored afterwards, so that the augmentations continue
-            # as in an uninterrupted run (exactly so with num_workers=0).
-            for _ in range(self.batch_in_epoch):
-                next(batches)
-            if self.pending_rng is not None:
-                set_rng_state(self.pending_rng)
+        if self.pending_rng is not None:
+            set_rng_state(self.pending_rng)
+            self.pending_rng = None
         loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
         correct = seen = 0
         start = time.perf_counter()
