@@ -24,8 +24,9 @@ over the group's channels per kernel row. Measured choices (CPU, see scripts/ben
   so one strided view covers them and one mul + sum over the channels gives all their
   gradients: 1.5x faster than per tap. einsum, linalg.vecdot, bmm, a loop over channels, banded
   matmuls and per-chunk unfolds all measured slower; so did per-row mul + sum for the forward.
-* **Memory.** The extra memory is the chunk buffers, capped at 1.5x the output's size in the
-  forward and twice it in the backward.
+* **Memory.** The extra memory is the chunk buffers, capped at 1.5x the larger of the input and
+  the output in the forward and twice it in the backward. (With stride s the input is s*s times
+  the output; capping at the output's size made ops too small to split between threads.)
 
 Semantics differ from zero padding in one corner only: a non-finite input value can reach an
 output through a tap whose weight is masked to zero (0 * inf = nan), where the reference would
@@ -41,23 +42,26 @@ from torch.autograd.function import once_differentiable
 
 from rednet.ops.involution import register_impl
 
-# Elements of chunk buffers per call and per intra-op thread. On the CPU this keeps a chunk's
-# working set in the caches (2^20 float32 = 4 MiB per thread; on a 2-core Zen 4 with 1 MiB L2
-# per core and 32 MiB L3, 1-4 MiB per thread measured alike, 0.5 MiB was 10-30% slower) while
-# every op stays large enough to be split between the threads. Other devices only need chunks
-# large enough to amortise kernel launches.
+# Elements of chunk buffers per intra-op thread. On the CPU this keeps a chunk's working set in
+# the caches while every op stays large enough to be split between the threads: on a 2-core
+# Zen 4 (1 MiB L2 per core, 32 MiB L3), 2^20 float32 (4 MiB) and up to 2^22 measured alike, and
+# 2^19 up to 1.6x slower (56x56 maps). Other devices only need chunks large enough to amortise
+# kernel launches.
 _CPU_BUDGET = 1 << 20
 _DEVICE_BUDGET = 1 << 26
-# Caps on the chunk buffers, in multiples of the output's size; see _forward and _backward.
+# Caps on the chunk buffers, in multiples of the larger activation (input or output): the extra
+# peak memory of the forward, with its small tap mask, stays under 2x. More would only help
+# strided calls on small batches, and the backward already holds 4x the output in gradients.
 _FORWARD_CAP = 1.5
 _BACKWARD_CAP = 2.0
 
 
 def _budget(device: torch.device, cap: int) -> int:
     """Chunk buffer elements: the device's working size, at most ``cap`` (the caller's memory
-    bound), but not less than a floor under which tiny tensors would be cut into tiny ops."""
+    bound), but at least 2^18 (1 MiB of float32): cutting small tensors finer only multiplies
+    per-op overheads (a (1, 512, 7, 7) call measured 1.6x faster with this floor than with 2^16)."""
     limit = _CPU_BUDGET * torch.get_num_threads() if device.type == "cpu" else _DEVICE_BUDGET
-    return min(limit, max(cap, 1 << 16))
+    return min(limit, max(cap, 1 << 18))
 
 
 # PyTorch's CPU kernels run a vector loop and finish the remainder element by element; a
@@ -176,6 +180,17 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
+def _mul_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """``out = a * b`` without a temporary: PyTorch's CPU kernels cast mixed dtypes (a bfloat16
+    weight times the float32 mask) through a temporary copy of the whole operand, which measured
+    as 0.77x the output of extra peak memory; copying first casts in place."""
+    if a.dtype == b.dtype == out.dtype:
+        torch.mul(a, b, out=out)
+    else:
+        out.copy_(a)
+        out.mul_(b)
+
+
 def _rows(buf: torch.Tensor, start: int, length: int, broadcast: bool = False) -> torch.Tensor:
     """View (n, rows, length) of the contiguous ``buf`` (n, rows, ...) at offset ``start`` in each row.
 
@@ -206,11 +221,13 @@ class _Geometry:
         self.mask = _valid_mask(kernel_size, stride, dilation, self.h, self.w, self.ho, self.wo, self.dtype,
                                 x.device).view(self.kk, self.ho, self.wo)
 
-    def chunks(self, unit: int, outputs: float):
-        """Chunks of at most the working size, whose buffers stay within ``outputs`` x the output."""
-        # In bytes: half-precision outputs get float32 buffers, half as many elements.
-        cap = int(outputs * self.batch * self.channels * self.size * self.out_bytes / self.buffer_bytes)
-        return _chunks(self.batch, self.groups, unit, _budget(self.device, cap))
+    def chunks(self, unit: int, cap: float):
+        """Chunks of at most the working size, whose buffers stay within ``cap`` x the larger
+        activation (the input, or the output when it is larger)."""
+        activation = self.batch * self.channels * max(self.h * self.w, self.size)
+        # In bytes: half-precision activations get float32 buffers, half as many elements.
+        elements = int(cap * activation * self.out_bytes / self.buffer_bytes)
+        return _chunks(self.batch, self.groups, unit, _budget(self.device, elements))
 
     def new_input_buffer(self, n: int) -> torch.Tensor:
         # Zeros once: the margins, and with a stride the parts of the (Ho, Wo) phase images
@@ -252,7 +269,7 @@ class _ForwardPlan:
         xs = x5[b0:b1, g0:g1]
         for dst, index in self.x_copies:
             dst.copy_(xs[index])
-        torch.mul(weight[b0:b1, g0:g1], g.mask, out=self.wb.view(self.nb, self.ng, g.kk, g.ho, g.wo))
+        _mul_into(self.wb.view(self.nb, self.ng, g.kk, g.ho, g.wo), weight[b0:b1, g0:g1], g.mask)
         torch.mul(*self.first, out=self.ob)
         for acc, xt, wt in self.taps:
             acc.addcmul_(xt, wt)
@@ -301,7 +318,7 @@ class _BackwardPlan:
         g, nb, ng, b1, g1 = self.g, self.nb, self.ng, b0 + self.nb, g0 + self.ng
         self.gb.view(nb, ng, g.cg, g.ho, g.wo).copy_(go5[b0:b1, g0:g1])
         if self.need_x:
-            torch.mul(weight[b0:b1, g0:g1], g.mask, out=self.wb.view(nb, ng, g.kk, g.ho, g.wo))
+            _mul_into(self.wb.view(nb, ng, g.kk, g.ho, g.wo), weight[b0:b1, g0:g1], g.mask)
             if self.gx_first is None:
                 self.gxb.zero_()
             else:
@@ -322,7 +339,12 @@ class _BackwardPlan:
                 torch.mul(gt, xt, out=prod)
                 torch.sum(prod, dim=1, out=acc)
             # Positions where a tap read padding got products of wrapped pixels: zero them.
-            torch.mul(self.gwb.view(nb, ng, g.kk, g.ho, g.wo), g.mask, out=grad_w[b0:b1, g0:g1])
+            gwb = self.gwb.view(nb, ng, g.kk, g.ho, g.wo)
+            if grad_w.dtype == gwb.dtype:
+                torch.mul(gwb, g.mask, out=grad_w[b0:b1, g0:g1])
+            else:  # as in _mul_into, avoid a cast through a temporary
+                gwb.mul_(g.mask)
+                grad_w[b0:b1, g0:g1].copy_(gwb)
 
 
 def _forward(x: torch.Tensor, weight: torch.Tensor, g: _Geometry) -> torch.Tensor:
@@ -333,10 +355,7 @@ def _forward(x: torch.Tensor, weight: torch.Tensor, g: _Geometry) -> torch.Tenso
     x5 = x.view(g.batch, g.groups, g.cg, g.h, g.w)
     out5 = out.view(g.batch, g.groups, g.cg, g.ho, g.wo)
     plan = None
-    # The forward's buffers stay within 1.5x the output's size (the extra peak, with the mask, is
-    # then under 2x). Less starves strided calls, whose input buffer is s*s times the output:
-    # with 1x, a (8, 64, 56, 56) stride-2 chunk made ops too small to be split between threads.
-    for b0, b1, g0, g1 in g.chunks(g.cg * g.taps.row_size + g.kk * g.size + g.cg * g.size, outputs=_FORWARD_CAP):
+    for b0, b1, g0, g1 in g.chunks(g.cg * g.taps.row_size + g.kk * g.size + g.cg * g.size, cap=_FORWARD_CAP):
         if plan is None or (plan.nb, plan.ng) != (b1 - b0, g1 - g0):
             plan = None  # only the last chunk can be smaller; free the old buffers first
             plan = _ForwardPlan(g, b1 - b0, g1 - g0)
@@ -351,17 +370,24 @@ def _backward(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, g: 
     x5 = x.view(g.batch, g.groups, g.cg, g.h, g.w)
     go5 = grad_out.view(g.batch, g.groups, g.cg, g.ho, g.wo)
     gx5 = grad_x.view(g.batch, g.groups, g.cg, g.h, g.w) if need_x else None
+    # Two passes, one per gradient, rather than one over chunks holding the buffers of both:
+    # each pass then fits about twice as many units per chunk in the same memory, so its ops are
+    # twice as large (on 14x14 maps a chunk of one sample made ops too small to run efficiently
+    # on two threads), for the price of copying grad_out into the buffers twice.
     widest = max(count for _, _, count, _, _, _, _ in g.taps.groups)
-    unit = g.cg * g.size + (g.kk * g.size + g.cg * g.taps.row_size) * need_x \
-        + (g.cg * g.taps.row_size + g.kk * g.size + g.cg * widest * g.size) * need_w
-    plan = None
-    # The gradients alone are 4x the output (grad_w is K*K / (C/G) times it): buffers of up to
-    # twice the output keep the backward lean while its larger per-unit buffers still make big ops.
-    for b0, b1, g0, g1 in g.chunks(unit, outputs=_BACKWARD_CAP):
-        if plan is None or (plan.nb, plan.ng) != (b1 - b0, g1 - g0):
-            plan = None
-            plan = _BackwardPlan(g, b1 - b0, g1 - g0, need_x, need_w)
-        plan.run(go5, x5, weight, gx5, grad_w, b0, g0)
+    passes = []
+    if need_x:
+        passes.append((True, False, g.cg * g.size + g.kk * g.size + g.cg * g.taps.row_size))
+    if need_w:
+        passes.append((False, True, g.cg * g.size + g.cg * g.taps.row_size + g.kk * g.size + g.cg * widest * g.size))
+    for pass_x, pass_w, unit in passes:
+        plan = None
+        for b0, b1, g0, g1 in g.chunks(unit, cap=_BACKWARD_CAP):
+            if plan is None or (plan.nb, plan.ng) != (b1 - b0, g1 - g0):
+                plan = None
+                plan = _BackwardPlan(g, b1 - b0, g1 - g0, pass_x, pass_w)
+            plan.run(go5, x5, weight, gx5, grad_w, b0, g0)
+        plan = None
     return grad_x, grad_w
 
 

@@ -1,0 +1,255 @@
+"""Benchmark every involution implementation: time, extra memory and error against the reference.
+
+For each implementation x shape x dtype it reports
+
+* forward and forward+backward wall time in ms, the median of ``--repeats`` runs after warm-up
+  (inputs require grad, as in training; the backward computes both gradients);
+* the extra peak memory of one forward call: the most memory allocated at any moment during the
+  call, minus the output it returns, in MiB and as a multiple of the output's size. It counts
+  every temporary and whatever the implementation keeps for its backward.
+
+  - On CUDA it is ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``, minus
+    the memory allocated before the call.
+  - On the CPU there is no allocator peak counter, so the call runs under
+    ``torch.profiler.profile(profile_memory=True)``: the profiler records every allocation and
+    free of PyTorch's CPU allocator with a timestamp (including the temporaries inside an op and
+    in the backward graph's saved tensors). Replaying those events in time order gives the live
+    bytes at every moment; their maximum is the peak. The measured call comes after the timing
+    runs, so memory an implementation caches across calls (shift's small tap mask) is not counted.
+* the speed-up of forward+backward against ``unfold`` (the reference, the official naive code's
+  math), and the largest absolute difference of the forward output from the reference computed
+  in float32 on the same (rounded) inputs.
+
+``unfold`` materialises (B, C, K*K, Ho, Wo): when that would not fit in the memory available, its
+row says so instead of running, and the others show no speed-up or error.
+
+Example: ``python scripts/bench_involution.py`` (CPU, the three RedNet stage shapes, K=7,
+16 channels per group) or ``python scripts/bench_involution.py --device cuda``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from rednet.ops import available_impls, involution, output_size  # noqa: E402
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# (B, C, H=W) of the RedNet stages at the benchmark's batch sizes.
+DEFAULT_SHAPES = "32x64x32,8x64x56,16x256x14"
+
+
+def parse_shapes(text: str) -> list[tuple[int, int, int, int]]:
+    shapes = []
+    for item in text.split(","):
+        dims = [int(v) for v in item.lower().split("x")]
+        if len(dims) == 3:
+            dims.append(dims[2])
+        if len(dims) != 4:
+            raise argparse.ArgumentTypeError(f"shape {item!r} is not BxCxH or BxCxHxW")
+        shapes.append(tuple(dims))
+    return shapes
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def available_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 1 << 62
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_ms(fn, device: torch.device, repeats: int, warmup: int) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        synchronize(device)
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def extra_peak_bytes(fn, device: torch.device) -> int:
+    """Peak bytes allocated during ``fn()`` beyond the tensor it returns (see the module docstring)."""
+    if device.type == "cuda":
+        synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        result = fn()
+        synchronize(device)
+        peak = torch.cuda.max_memory_allocated(device) - before
+    else:
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+            result = fn()
+        # The raw event list: FunctionEvents fold the allocations made inside ops into the ops.
+        events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                        if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU)
+        live = peak = 0
+        for _, delta in events:
+            live += delta
+            peak = max(peak, live)
+    return peak - result.numel() * result.element_size()
+
+
+def unfold_bytes(b, c, ho, wo, kk, element_size) -> int:
+    # Its unfolded columns and the product with the weight, each (B, C, K*K, Ho, Wo), in float32
+    # for half inputs; the backward needs as much again.
+    return 2 * b * c * kk * ho * wo * max(element_size, 4)
+
+
+def bench(args) -> list[dict]:
+    device = torch.device(args.device)
+    rows = []
+    for dtype_name in args.dtypes:
+        dtype = DTYPES[dtype_name]
+        for b, c, h, w in args.shapes:
+            k, s = args.kernel_size, args.stride
+            groups = c // args.channels_per_group
+            ho, wo = output_size(h, k, s, 1), output_size(w, k, s, 1)
+            gen = torch.Generator().manual_seed(0)
+
+            def random(*shape):
+                return torch.randn(*shape, generator=gen).to(device=device, dtype=dtype)
+
+            x = random(b, c, h, w).requires_grad_()
+            weight = random(b, groups, k * k, ho, wo).requires_grad_()
+            grad_out = random(b, c, ho, wo)
+            out_bytes = b * c * ho * wo * x.element_size()
+            fits = unfold_bytes(b, c, ho, wo, k * k, x.element_size()) < 0.7 * available_bytes(device)
+            reference = None
+            if fits:
+                with torch.no_grad():
+                    reference = involution(x.float(), weight.float(), k, s, impl="unfold")
+            base = {"impl": None, "shape": f"{b}x{c}x{h}x{w}", "dtype": dtype_name}
+            results = []
+            for impl in args.impls:
+                row = dict(base, impl=impl)
+                if impl == "unfold" and not fits:
+                    need = unfold_bytes(b, c, ho, wo, k * k, x.element_size()) / 2 ** 30
+                    row["note"] = f"too big: needs ~{need:.1f} GiB"
+                    results.append(row)
+                    continue
+
+                def forward():
+                    return involution(x, weight, k, s, impl=impl)
+
+                def forward_backward():
+                    out = forward()
+                    torch.autograd.grad(out, (x, weight), grad_out)
+
+                try:
+                    row["fwd"] = median_ms(forward, device, args.repeats, args.warmup)
+                    row["fwd_bwd"] = median_ms(forward_backward, device, args.repeats, args.warmup)
+                    extra = extra_peak_bytes(forward, device)
+                    row["mem_mib"], row["mem_x"] = extra / 2 ** 20, extra / out_bytes
+                    if reference is not None:
+                        with torch.no_grad():
+                            row["err"] = (forward().float() - reference).abs().max().item()
+                except torch.OutOfMemoryError:
+                    row["note"] = "out of memory"
+                results.append(row)
+            unfold_time = next((r.get("fwd_bwd") for r in results if r["impl"] == "unfold"), None)
+            for row in results:
+                if unfold_time and "fwd_bwd" in row:
+                    row["speedup"] = unfold_time / row["fwd_bwd"]
+                rows.append(row)
+                print_row(row, flush=True)
+    return rows
+
+
+HEADER = ("| impl | B x C x H x W | dtype | fwd ms | fwd+bwd ms | speed-up vs unfold (fwd+bwd) "
+          "| fwd extra peak MiB | x output | max abs err (fwd) |")
+
+
+def print_row(row: dict, flush: bool = False) -> None:
+    def fmt(key, spec):
+        return format(row[key], spec) if key in row else "-"
+
+    note = row.get("note")
+    if note:
+        cells = [row["impl"], row["shape"], row["dtype"], note, "-", "-", "-", "-", "-"]
+    else:
+        cells = [row["impl"], row["shape"], row["dtype"], fmt("fwd", ".1f"), fmt("fwd_bwd", ".1f"),
+                 fmt("speedup", ".1f") + ("x" if "speedup" in row else ""), fmt("mem_mib", ".1f"),
+                 fmt("mem_x", ".2f"), fmt("err", ".1e")]
+    print("| " + " | ".join(cells) + " |", flush=flush)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtypes", default=None, help="comma-separated from fp32,fp16,bf16 "
+                        "(default: fp32 on cpu, all three on cuda)")
+    parser.add_argument("--impls", default=None, help="comma-separated (default: every impl for the device)")
+    parser.add_argument("--shapes", default=DEFAULT_SHAPES, type=parse_shapes,
+                        help=f"comma-separated BxCxH or BxCxHxW (default {DEFAULT_SHAPES})")
+    parser.add_argument("--kernel-size", type=int, default=7)
+    parser.add_argument("--stride", type=int, default=1)
+    parser.add_argument("--channels-per-group", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    args = parser.parse_args(argv)
+
+    device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    default_dtypes = "fp32" if device.type == "cpu" else "fp32,fp16,bf16"
+    args.dtypes = (args.dtypes or default_dtypes).split(",")
+    unknown = [d for d in args.dtypes if d not in DTYPES]
+    if unknown:
+        parser.error(f"unknown dtypes {unknown}; choose from {sorted(DTYPES)}")
+    impls = available_impls(device)
+    args.impls = args.impls.split(",") if args.impls else impls
+    missing = [i for i in args.impls if i not in impls]
+    if missing:
+        parser.error(f"impls {missing} do not run on {device}; available: {impls}")
+
+    print(f"device: {device_name(device)} ({device})")
+    print(f"torch {torch.__version__}, torch threads: {torch.get_num_threads()}, K={args.kernel_size}, "
+          f"stride {args.stride}, {args.channels_per_group} channels per group, median of {args.repeats} "
+          f"after {args.warmup} warm-up")
+    if hasattr(os, "getloadavg") and device.type == "cpu":
+        print("load average when starting: " + ", ".join(f"{v:.2f}" for v in os.getloadavg()))
+    print()
+    print(HEADER)
+    print("|" + "---|" * HEADER.count(" | ") + "---|")
+    bench(args)
+
+
+if __name__ == "__main__":
+    main()

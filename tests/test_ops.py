@@ -1,0 +1,221 @@
+"""Every involution implementation against the unfold reference: values, gradients, layouts, dtypes, errors."""
+
+import re
+
+import pytest
+import torch
+
+from rednet.ops import available_impls, involution, output_size
+
+CPU_IMPLS = available_impls("cpu")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """These shapes are small, and with several intra-op threads every op waits for all of them:
+    on a machine busy with other multi-threaded work a second thread measured 1000x slower per
+    op (a scheduler time slice per wait), which made this file take minutes instead of seconds."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def make_inputs(b, c, h, w, groups, kernel_size, stride=1, dilation=1, dtype=torch.float32, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    ho, wo = output_size(h, kernel_size, stride, dilation), output_size(w, kernel_size, stride, dilation)
+    x = torch.randn(b, c, h, w, generator=gen, dtype=dtype)
+    weight = torch.randn(b, groups, kernel_size * kernel_size, ho, wo, generator=gen, dtype=dtype)
+    return x, weight
+
+
+def random_like(t, seed=1):
+    return torch.randn(t.shape, generator=torch.Generator().manual_seed(seed)).to(t.dtype)
+
+
+def forward_and_grads(impl, x, weight, kernel_size, stride=1, dilation=1, grad_out=None):
+    x = x.detach().requires_grad_()
+    weight = weight.detach().requires_grad_()
+    out = involution(x, weight, kernel_size, stride, dilation, impl=impl)
+    grad_x, grad_w = torch.autograd.grad(out, (x, weight), random_like(out) if grad_out is None else grad_out)
+    return out.detach(), grad_x, grad_w
+
+
+def test_shift_is_registered_and_preferred_over_unfold():
+    assert {"shift", "unfold"} <= set(CPU_IMPLS)
+    assert CPU_IMPLS.index("shift") < CPU_IMPLS.index("unfold")
+
+
+# (b, c, h, w, groups, kernel_size, stride, dilation): K = 1, 3, 5, 7, strides 1 and 2,
+# dilation 2, odd non-square maps, kernels larger than the map, group widths 1, 2, 3, 4, batch 1.
+GRADCHECK_CASES = [
+    (2, 4, 5, 7, 2, 3, 1, 1),
+    (1, 4, 6, 5, 1, 3, 2, 1),
+    (2, 2, 7, 6, 2, 3, 1, 2),
+    (1, 4, 5, 4, 2, 5, 2, 1),
+    (1, 2, 3, 4, 1, 5, 1, 1),
+    (2, 2, 9, 7, 1, 3, 2, 2),
+    (1, 6, 5, 6, 2, 3, 1, 1),
+    (1, 2, 6, 5, 1, 7, 1, 1),
+    (1, 2, 9, 8, 2, 7, 2, 1),
+    (2, 4, 3, 5, 2, 1, 2, 1),
+]
+
+
+@pytest.mark.parametrize("impl", CPU_IMPLS)
+@pytest.mark.parametrize("case", GRADCHECK_CASES, ids=lambda c: "b{}c{}h{}w{}g{}k{}s{}d{}".format(*c))
+def test_gradcheck_float64(impl, case):
+    b, c, h, w, groups, k, s, d = case
+    x, weight = make_inputs(b, c, h, w, groups, k, s, d, dtype=torch.float64)
+    x.requires_grad_()
+    weight.requires_grad_()
+    assert torch.autograd.gradcheck(lambda x, w: involution(x, w, k, s, d, impl=impl), (x, weight))
+
+
+# RedNet-like shapes, batch reduced: a stage block, its strided first block, a deeper stage, the stem.
+REDNET_CASES = [
+    (2, 64, 28, 28, 4, 7, 1),
+    (2, 64, 32, 32, 4, 7, 2),
+    (1, 256, 14, 14, 16, 7, 1),
+    (2, 32, 56, 56, 2, 3, 1),
+]
+
+
+@pytest.mark.parametrize("impl", CPU_IMPLS)
+@pytest.mark.parametrize("case", REDNET_CASES, ids=lambda c: "b{}c{}h{}w{}g{}k{}s{}".format(*c))
+def test_matches_reference_float32(impl, case):
+    b, c, h, w, groups, k, s = case
+    x, weight = make_inputs(b, c, h, w, groups, k, s)
+    expected = forward_and_grads("unfold", x, weight, k, s)
+    actual = forward_and_grads(impl, x, weight, k, s)
+    for name, got, want in zip(("out", "grad_x", "grad_w"), actual, expected):
+        assert got.shape == want.shape, name
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4, msg=lambda m: f"{name}: {m}")
+
+
+def _noncontiguous(t):
+    """The same values in memory that is neither NCHW- nor channels_last-contiguous."""
+    wide = torch.zeros(*t.shape[:-1], t.shape[-1] + 3, dtype=t.dtype)
+    wide[..., 1:-2] = t
+    return wide[..., 1:-2]
+
+
+@pytest.mark.parametrize("impl", CPU_IMPLS)
+@pytest.mark.parametrize("stride", [1, 2])
+def test_layouts_give_the_same_result(impl, stride):
+    x, weight = make_inputs(2, 32, 11, 9, 4, 5, stride)
+    expected = forward_and_grads(impl, x, weight, 5, stride)
+    grad_out = random_like(expected[0])
+    variants = {
+        "channels_last": (x.contiguous(memory_format=torch.channels_last), weight),
+        "sliced": (_noncontiguous(x), _noncontiguous(weight)),
+        "transposed": (x.transpose(2, 3).contiguous().transpose(2, 3),
+                       weight.permute(0, 1, 3, 4, 2).contiguous().permute(0, 1, 4, 2, 3)),
+    }
+    for name, (xv, wv) in variants.items():
+        assert not xv.is_contiguous()
+        actual = forward_and_grads(impl, xv, wv, 5, stride, grad_out=grad_out)
+        for got, want in zip(actual, expected):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
+        # A non-contiguous upstream gradient too.
+        actual = forward_and_grads(impl, xv, wv, 5, stride, grad_out=_noncontiguous(grad_out))
+        for got, want in zip(actual, expected):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("impl", CPU_IMPLS)
+def test_bfloat16_autocast(impl):
+    x, weight = make_inputs(2, 32, 12, 10, 2, 7, 1)
+    ref_out, ref_gx, ref_gw = forward_and_grads("unfold", x, weight, 7)
+    xr, wr = x.clone().requires_grad_(), weight.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = involution(xr, wr, 7, impl=impl)
+    assert out.dtype == torch.bfloat16
+    grad_x, grad_w = torch.autograd.grad(out, (xr, wr), random_like(out))
+    # Inputs are rounded to bfloat16 (8 bits of mantissa) before a 49-term sum of products.
+    scale = ref_out.abs().max()
+    torch.testing.assert_close(out.float(), ref_out, rtol=0, atol=0.03 * scale)
+    assert grad_x.dtype == torch.float32 and grad_w.dtype == torch.float32
+    torch.testing.assert_close(grad_x, ref_gx, rtol=0, atol=0.03 * ref_gx.abs().max())
+    torch.testing.assert_close(grad_w, ref_gw, rtol=0, atol=0.03 * ref_gw.abs().max())
+
+
+@pytest.mark.parametrize("impl", CPU_IMPLS)
+@pytest.mark.parametrize("stride", [1, 2])
+def test_float16_inputs(impl, stride):
+    x, weight = make_inputs(2, 32, 12, 10, 2, 7, stride)
+    ref_out, ref_gx, ref_gw = forward_and_grads("unfold", x.half().float(), weight.half().float(), 7, stride)
+    out, grad_x, grad_w = forward_and_grads(impl, x.half(), weight.half(), 7, stride,
+                                            grad_out=random_like(ref_out).half())
+    assert out.dtype == grad_x.dtype == grad_w.dtype == torch.float16
+    # Same rounded inputs, float32 accumulation: only the final rounding to float16 differs.
+    torch.testing.assert_close(out.float(), ref_out, rtol=2e-3, atol=2e-3 * ref_out.abs().max())
+    torch.testing.assert_close(grad_x.float(), ref_gx, rtol=2e-3, atol=2e-3 * ref_gx.abs().max())
+    torch.testing.assert_close(grad_w.float(), ref_gw, rtol=2e-3, atol=2e-3 * ref_gw.abs().max())
+
+
+@pytest.mark.parametrize("impl", CPU_IMPLS)
+def test_gradient_of_one_input_only(impl):
+    x, weight = make_inputs(1, 8, 6, 6, 2, 3)
+    expected = forward_and_grads("unfold", x, weight, 3)
+    xr = x.clone().requires_grad_()
+    out = involution(xr, weight, 3, impl=impl)
+    (grad_x,) = torch.autograd.grad(out, xr, random_like(out))
+    torch.testing.assert_close(grad_x, expected[1])
+    wr = weight.clone().requires_grad_()
+    out = involution(x, wr, 3, impl=impl)
+    (grad_w,) = torch.autograd.grad(out, wr, random_like(out))
+    torch.testing.assert_close(grad_w, expected[2])
+
+
+def _peak_extra_bytes(fn):
+    """Peak bytes allocated by ``fn`` beyond what it returns, replaying the profiler's allocator events.
+
+    The same method as scripts/bench_involution.py; the raw kineto events are used because the
+    FunctionEvent tree folds allocations made inside ops into those ops.
+    """
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        result = fn()
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                    if e.name() == "[memory]")
+    live = peak = 0
+    for _, delta in events:
+        live += delta
+        peak = max(peak, live)
+    return peak - result.numel() * result.element_size()
+
+
+def test_shift_forward_is_memory_lean():
+    x, weight = make_inputs(4, 64, 32, 32, 4, 7)
+    out_bytes = x.numel() * x.element_size()
+    with torch.no_grad():
+        extra = _peak_extra_bytes(lambda: involution(x, weight, 7, impl="shift"))
+        extra_unfold = _peak_extra_bytes(lambda: involution(x, weight, 7, impl="unfold"))
+    assert extra <= 2 * out_bytes
+    assert extra_unfold > 40 * out_bytes  # the check sees the reference's (B, C, K*K, H, W) buffers
+
+
+def test_error_even_kernel_size():
+    x, weight = make_inputs(1, 8, 6, 6, 2, 3)
+    with pytest.raises(ValueError, match="kernel_size must be odd"):
+        involution(x, torch.randn(1, 2, 16, 6, 6), 4)
+
+
+def test_error_channels_not_divisible_into_groups():
+    x = torch.randn(1, 64, 6, 6)
+    with pytest.raises(ValueError, match="64 channels are not divisible into 3 groups"):
+        involution(x, torch.randn(1, 3, 9, 6, 6), 3)
+
+
+def test_error_wrong_weight_shape():
+    x = torch.randn(2, 8, 6, 6)
+    weight = torch.randn(2, 2, 9, 5, 6)
+    with pytest.raises(ValueError, match=re.escape("(2, 2, 9, 5, 6)")) as info:
+        involution(x, weight, 3)
+    assert "(2, 2, 9, 6, 6)" in str(info.value)
+
+
+def test_error_unknown_impl():
+    x, weight = make_inputs(1, 8, 6, 6, 2, 3)
+    with pytest.raises(ValueError, match="unknown involution impl 'nope'"):
+        involution(x, weight, 3, impl="nope")
