@@ -5,6 +5,7 @@ import re
 import pytest
 import torch
 
+from rednet.benchmark import peak_bytes
 from rednet.ops import available_impls, involution, output_size
 
 CPU_IMPLS = available_impls("cpu")
@@ -169,19 +170,8 @@ def test_gradient_of_one_input_only(impl):
 
 
 def _peak_extra_bytes(fn):
-    """Peak bytes allocated by ``fn`` beyond what it returns, replaying the profiler's allocator events.
-
-    The same method as scripts/bench_involution.py; the raw kineto events are used because the
-    FunctionEvent tree folds allocations made inside ops into those ops.
-    """
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
-        result = fn()
-    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
-                    if e.name() == "[memory]")
-    live = peak = 0
-    for _, delta in events:
-        live += delta
-        peak = max(peak, live)
+    """Peak bytes allocated by ``fn`` beyond what it returns (rednet.benchmark.peak_bytes)."""
+    peak, result = peak_bytes(fn, torch.device("cpu"))
     return peak - result.numel() * result.element_size()
 
 
