@@ -258,8 +258,16 @@ def test_digits_split_is_fixed_stratified_and_normalised():
 
     x, y = next(iter(dm.val_loader(batch_size=360)))
     assert x.shape == (360, 1, 8, 8) and x.dtype == torch.float32 and y.dtype == torch.int64
-    assert abs(train.images.mean().item()) < 0.01 and abs(train.images.std().item() - 1) < 0.01
-    assert torch.equal(train[5][0], train[5][0])  # no augmentation: it was measured to hurt
+    inner = train.images[:, :, 1:-1, 1:-1]  # stored with a one-pixel background margin for the shift
+    assert abs(inner.mean().item()) < 0.01 and abs(inner.std().item() - 1) < 0.01
+    assert torch.equal(train.images[:, :, 0], torch.full_like(train.images[:, :, 0], -0.3054 / 0.3761))
+
+    torch.manual_seed(0)
+    crops = torch.stack([train[5][0] for _ in range(50)])
+    assert crops.shape[1:] == (1, 8, 8)
+    assert any(torch.equal(c, inner[5]) for c in crops)  # the centred image is one of the shifts
+    assert len({c.flatten().tolist().__str__() for c in crops}) > 3  # training images are shifted
+    assert all(torch.equal(val[5][0], val[5][0]) for _ in range(3))  # validation images are not
 
 
 def test_digits_yaml_matches_the_training_split_statistics():
