@@ -89,3 +89,13 @@ def test_checkpoint_of_another_model_and_class_count(tmp_path):
     result = run_cli("eval.py", f"ckpt={tmp_path}/r26.pth", "model=rednet26", "data=digits",
                      f"hydra.run.dir={tmp_path}/eval")
     assert_one_line_error(result, "has 1000 classes but data=digits has 10")
+
+
+def test_global_batch_must_divide_across_ranks(tmp_path):
+    # What torchrun would set for rank 0 of 3; the check comes before any process group forms.
+    env = {"WORLD_SIZE": "3", "RANK": "0", "LOCAL_RANK": "0"}
+    result = run_cli("train.py", "data=digits", "trainer=ddp", "data.batch_size=64", f"hydra.run.dir={tmp_path}/run",
+                     env=env)
+    assert_one_line_error(result, "data.batch_size=64 (the global batch) does not divide across 3 processes")
+    result = run_cli("train.py", "data=digits", f"hydra.run.dir={tmp_path}/run", env=env)
+    assert_one_line_error(result, "launched as 3 processes (torchrun) but trainer.strategy=single; add trainer=ddp")
