@@ -81,6 +81,9 @@ def involution_unfold(x: torch.Tensor, weight: torch.Tensor, kernel_size: int, s
 register_impl("unfold", involution_unfold, lambda device: True, rank=100)
 
 
+# torch.compile runs around the operator, not through it: its implementations are already fused
+# or hand-scheduled, and tracing shift's views of reused buffers fails in AOTAutograd (torch 2.14).
+@torch.compiler.disable
 def involution(x: torch.Tensor, weight: torch.Tensor, kernel_size: int, stride: int = 1, dilation: int = 1,
                impl: str = "auto") -> torch.Tensor:
     """Involution of ``x`` (B, C, H, W) with per-pixel kernels ``weight`` (B, G, K*K, Ho, Wo).
