@@ -134,7 +134,8 @@ class Trainer:
         if t.channels_last:
             self.model.to(memory_format=torch.channels_last)
         self.ema = ModelEma(self.model, t.ema_decay) if t.ema else None
-        self.train_model = torch.compile(self.model) if t.compile else self.model
+        # dynamic=False: see scripts/bench_models.py; input shapes are fixed within a run anyway.
+        self.train_model = torch.compile(self.model, dynamic=False) if t.compile else self.model
         if self.dist.enabled:
             self.train_model = nn.parallel.DistributedDataParallel(
                 self.train_model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
