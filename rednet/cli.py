@@ -131,10 +131,11 @@ def _evaluate(cfg: DictConfig) -> None:
     from rednet.engine.checkpoint import read_checkpoint
     from rednet.engine.evaluate import evaluate_checkpoint
 
-    cfg = config_for_checkpoint(cfg, read_checkpoint(cfg.ckpt).get("config"), HydraConfig.get().overrides.task)
+    ckpt = read_checkpoint(cfg.ckpt)  # once: it can be hundreds of MB
+    cfg = config_for_checkpoint(cfg, ckpt.get("config"), HydraConfig.get().overrides.task)
     validate(cfg)
     check_launch(cfg)
-    evaluate_checkpoint(cfg, HydraConfig.get().runtime.output_dir)
+    evaluate_checkpoint(cfg, ckpt, HydraConfig.get().runtime.output_dir)
 
 
 def config_for_checkpoint(cfg: DictConfig, saved: dict | None, overrides: list[str]) -> DictConfig:

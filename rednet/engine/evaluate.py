@@ -62,7 +62,7 @@ def evaluate(model: nn.Module, loader, device: torch.device, dtype: torch.dtype 
                       acc5=float(sums[1]) / max(count, 1), count=count, confusion=confusion)
 
 
-def print_report(result: EvalResult, title: str, worst: int = 10) -> str:
+def format_report(result: EvalResult, title: str, worst: int = 10) -> str:
     """A compact table: the totals, then per class (all of them up to 20 classes, else the worst by F1)."""
     rows = result.confusion.per_class()
     lines = [title, "",
@@ -77,12 +77,12 @@ def print_report(result: EvalResult, title: str, worst: int = 10) -> str:
     return "\n".join(lines)
 
 
-def evaluate_checkpoint(cfg, run_dir: str | Path) -> EvalResult:
-    """``eval.py``: evaluates ``cfg.ckpt`` on ``cfg.data``'s validation split and writes the report
-    (metrics.json, confusion_matrix.csv/.png, TensorBoard events) into ``run_dir``."""
+def evaluate_checkpoint(cfg, ckpt: dict, run_dir: str | Path) -> EvalResult:
+    """``eval.py``: evaluates ``ckpt`` (the contents of ``cfg.ckpt``) on ``cfg.data``'s validation
+    split and writes the report (metrics.json, confusion_matrix.csv/.png, TensorBoard events) into
+    ``run_dir``."""
     from rednet.data import build_datamodule
     from rednet.engine import distributed
-    from rednet.engine.checkpoint import read_checkpoint
     from rednet.engine.precision import resolve_device, resolve_precision
     from rednet.errors import CheckpointError
     from rednet.models import build_model, load_weights
@@ -93,7 +93,6 @@ def evaluate_checkpoint(cfg, run_dir: str | Path) -> EvalResult:
     dist = distributed.init_distributed(device) if t.strategy == "ddp" else distributed.DistInfo()
     run_dir = Path(distributed.broadcast_object(str(run_dir), dist))
     dtype = resolve_precision(t.precision, device)
-    ckpt = read_checkpoint(cfg.ckpt)
     with distributed.main_first(dist):
         data = build_datamodule(cfg.data)
     head = state_dict_of(ckpt).get("head.fc.weight")
@@ -124,5 +123,5 @@ def evaluate_checkpoint(cfg, run_dir: str | Path) -> EvalResult:
             for key in ("acc1", "acc5", "loss"):
                 writer.add_scalar(f"eval/{key}", getattr(result, key), 0)
             writer.add_figure("eval/confusion_matrix", result.confusion.figure(), 0, close=True)
-        print(print_report(result, f"{cfg.model.name} on {cfg.data.name} ({cfg.ckpt}); report in {run_dir}"))
+        print(format_report(result, f"{cfg.model.name} on {cfg.data.name} ({cfg.ckpt}); report in {run_dir}"))
     return result
