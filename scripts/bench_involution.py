@@ -20,6 +20,10 @@ For each implementation x shape x dtype it reports
   math), and the largest absolute difference of the forward output from the reference computed
   in float32 on the same (rounded) inputs.
 
+``unfold+compile`` is the reference run through ``torch.compile`` (Inductor, static shapes, compiled
+afresh for every shape and dtype before it is timed): what a user gets by compiling the naive code
+instead of using a hand-written kernel.
+
 ``unfold`` materialises (B, C, K*K, Ho, Wo): when that would not fit in the memory available, its
 row says so instead of running, and the others show no speed-up or error.
 
@@ -39,11 +43,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from rednet.benchmark import device_name, median_ms, peak_bytes  # noqa: E402
-from rednet.ops import available_impls, involution, output_size  # noqa: E402
+from rednet.ops import available_impls, involution, involution_unfold, output_size  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # (B, C, H=W) of the RedNet stages at the benchmark's batch sizes.
 DEFAULT_SHAPES = "32x64x32,8x64x56,16x256x14"
+COMPILED = "unfold+compile"
 
 
 def parse_shapes(text: str) -> list[tuple[int, int, int, int]]:
@@ -109,14 +114,21 @@ def bench(args) -> list[dict]:
             results = []
             for impl in args.impls:
                 row = dict(base, impl=impl)
-                if impl == "unfold" and not fits:
+                if impl in ("unfold", COMPILED) and not fits:
                     need = unfold_bytes(b, c, ho, wo, k * k, x.element_size()) / 2 ** 30
                     row["note"] = f"too big: needs ~{need:.1f} GiB"
                     results.append(row)
                     continue
 
-                def forward():
-                    return involution(x, weight, k, s, impl=impl)
+                if impl == COMPILED:
+                    torch._dynamo.reset()  # a fresh compile per shape, never a shape-generic graph
+                    compiled = torch.compile(involution_unfold, dynamic=False)
+
+                    def forward():
+                        return compiled(x, weight, k, s)
+                else:
+                    def forward():
+                        return involution(x, weight, k, s, impl=impl)
 
                 def forward_backward():
                     out = forward()
@@ -132,6 +144,10 @@ def bench(args) -> list[dict]:
                             row["err"] = (forward().float() - reference).abs().max().item()
                 except torch.OutOfMemoryError:
                     row["note"] = "out of memory"
+                except Exception as error:  # noqa: BLE001  (a failed compile is a result, not a crash)
+                    if impl != COMPILED:
+                        raise
+                    row["note"] = f"compile failed: {type(error).__name__}"
                 results.append(row)
             unfold_time = next((r.get("fwd_bwd") for r in results if r["impl"] == "unfold"), None)
             for row in results:
@@ -185,7 +201,7 @@ def main(argv=None) -> None:
     unknown = [d for d in args.dtypes if d not in DTYPES]
     if unknown:
         parser.error(f"unknown dtypes {unknown}; choose from {sorted(DTYPES)}")
-    impls = available_impls(device)
+    impls = available_impls(device) + [COMPILED]
     args.impls = args.impls.split(",") if args.impls else impls
     missing = [i for i in args.impls if i not in impls]
     if missing:
@@ -201,6 +217,17 @@ def main(argv=None) -> None:
     print(HEADER)
     print("|" + "---|" * HEADER.count(" | ") + "---|")
     bench(args)
+    if "triton" in args.impls and device.type == "cuda":
+        print_autotune_choices()
+
+
+def print_autotune_choices() -> None:
+    from rednet.ops.triton_kernels import _KERNELS
+
+    print("\nTriton autotuner choices (key: N_PIX, C_PER_G, K, STRIDE, DILATION, dtypes...):")
+    for name, (compiled, _) in _KERNELS.items():
+        for key, config in compiled.cache.items():
+            print(f"- {name} {key}: {config}")
 
 
 if __name__ == "__main__":

@@ -38,16 +38,24 @@ def build(name: str, resolution: int, impl: str) -> nn.Module:
     return model
 
 
-def profile_table(name: str, step, top: int = 12) -> str:
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
-                                            *([torch.profiler.ProfilerActivity.CUDA] if torch.cuda.is_available() else [])]) as prof:
+def profile_table(name: str, step, device: torch.device, top: int = 12) -> str:
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    step()  # keeps one-time work (autotuning, allocator growth) out of the profile
+    with torch.profiler.profile(activities=activities) as prof:
         step()
-    events = prof.key_averages()
-    total = sum(e.self_cpu_time_total for e in events)
-    lines = [f"{name}: one training step, {total / 1e3:.0f} ms of self CPU time; the top operators:", "",
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    # On the GPU the time that matters is the kernels', not the host's that launched them.
+    where = "device" if device.type == "cuda" else "cpu"
+    events = [e for e in prof.key_averages() if getattr(e, f"self_{where}_time_total") > 0]
+    total = sum(getattr(e, f"self_{where}_time_total") for e in events)
+    lines = [f"{name}: one training step, {total / 1e3:.1f} ms of self {where} time; the top operators:", "",
              "| operator | calls | self ms | share |", "|---|---:|---:|---:|"]
-    lines += [f"| {e.key} | {e.count} | {e.self_cpu_time_total / 1e3:.1f} | {e.self_cpu_time_total / total:.1%} |"
-              for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[:top]]
+    for e in sorted(events, key=lambda e: -getattr(e, f"self_{where}_time_total"))[:top]:
+        t = getattr(e, f"self_{where}_time_total")
+        lines.append(f"| {e.key[:70]} | {e.count} | {t / 1e3:.2f} | {t / total:.1%} |")
     return "\n".join(lines)
 
 
@@ -73,7 +81,7 @@ def measure(name: str, resolution: int, batch: int, args, device: torch.device) 
     model.train()
     train_ms = median_ms(train_step, device, args.repeats, args.warmup)
     peak, _ = peak_bytes(train_step, device)
-    profile = profile_table(f"{name} at {resolution} px, batch {batch}", train_step) if args.profile else None
+    profile = profile_table(f"{name} at {resolution} px, batch {batch}", train_step, device) if args.profile else None
 
     model.eval()
 
