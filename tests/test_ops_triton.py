@@ -89,6 +89,26 @@ def test_non_contiguous_inputs():
         torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("s", [1, 2])
+def test_channels_last_is_read_in_place_and_kept(s):
+    # A channels_last model: x is NHWC and the weight is a view of a channels_last conv output
+    # (B, G*K*K, Ho, Wo). The kernels read both through their strides and return the output and
+    # gradients in the same layouts, so no layout copies happen around the operator.
+    k, d, groups = 3, 1, 2
+    x, weight = make_inputs(2, 8, groups, 9, 7, k, s, d)
+    x_cl = x.contiguous(memory_format=torch.channels_last)
+    b, _, kk, ho, wo = weight.shape
+    w_cl = weight.reshape(b, groups * kk, ho, wo).contiguous(memory_format=torch.channels_last)
+    w_view = w_cl.view(b, groups, kk, ho, wo)
+    assert not w_view.is_contiguous()
+    out, grad_x, grad_w = forward_and_grads("triton", x_cl, w_view, k, s, d)
+    assert out.is_contiguous(memory_format=torch.channels_last) and not out.is_contiguous()
+    assert grad_x.is_contiguous(memory_format=torch.channels_last) and not grad_x.is_contiguous()
+    assert grad_w.stride() == w_view.stride()
+    for g, r in zip((out, grad_x, grad_w), forward_and_grads("unfold", x, weight, k, s, d)):
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5)
+
+
 def test_backward_is_deterministic():
     x, weight = make_inputs(1, 12, 1, 13, 11, 3, 1, 1)
     first = forward_and_grads("triton", x, weight, 3, 1, 1)

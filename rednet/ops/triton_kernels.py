@@ -59,23 +59,27 @@ def _tile_configs(with_channels: bool) -> list:
 def _prune_configs(configs, named_args, **kwargs):
     """Drops tiles far larger than the problem: they cost tuning time and can never win."""
     c_per_g = triton.next_power_of_2(named_args["C_PER_G"])
-    pixels = triton.next_power_of_2(named_args["N_PIX"])
+    pixels = triton.next_power_of_2(named_args["H"] * named_args["W"])
     kept = [cfg for cfg in configs
             if cfg.kwargs.get("BLOCK_C", 1) <= max(4, c_per_g) and cfg.kwargs["BLOCK_P"] <= max(32, pixels)]
     return kept or configs[:1]
 
 
 # The kernels below are plain functions; ``_build`` turns each into a compiled, autotuned kernel
-# and an interpreted one. Layouts are contiguous NCHW for x / out / grad_out and contiguous
-# (B, G, K*K, Ho, Wo) for the weight. The grid is one-dimensional because B*G*blocks can exceed
-# the 65535 limit of CUDA's second and third grid axes; pixel blocks vary fastest so that programs
-# running together share one weight slice in L2. Plane and batch offsets are formed in int64
-# because B*C*H*W overflows int32 for large activations. The kernels call only Triton builtins,
-# never @triton.jit helpers such as tl.cdiv or tl.zeros: those were compiled or interpreted once,
-# when triton was imported, and a compiled helper cannot be called from an interpreted kernel.
+# and an interpreted one. Every tensor is addressed through its strides, so NCHW, channels_last,
+# sliced inputs and expanded gradients are all read in place: a channels_last model pays no layout
+# copies around its involutions. Stride arguments equal to 1 are specialised by Triton, so the
+# innermost dimension of either layout gets contiguous, vectorised accesses. The weight is viewed
+# as (B, G, K*K, Ho, Wo). The grid is one-dimensional because B*G*blocks can exceed the 65535
+# limit of CUDA's second and third grid axes; pixel blocks vary fastest so that programs running
+# together share one weight slice in L2. Batch and channel offsets are formed in int64 because
+# B*C*H*W overflows int32 for large activations. The kernels call only Triton builtins, never
+# @triton.jit helpers such as tl.cdiv or tl.zeros: those were compiled or interpreted once, when
+# triton was imported, and a compiled helper cannot be called from an interpreted kernel.
 
 
-def _forward_kernel(x_ptr, w_ptr, out_ptr, C, H, W, WO, N_PIX, GROUPS, C_PER_G,
+def _forward_kernel(x_ptr, w_ptr, out_ptr, H, W, WO, N_PIX, GROUPS, C_PER_G,
+                    sxb, sxc, sxh, sxw, swb, swg, swt, swh, sww, sob, soc, soh, sow,
                     K: tl.constexpr, STRIDE: tl.constexpr, DILATION: tl.constexpr, PADDING: tl.constexpr,
                     ACC_DTYPE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
     # A program owns BLOCK_C channels of one group and BLOCK_P output pixels, so each weight value
@@ -86,7 +90,7 @@ def _forward_kernel(x_ptr, w_ptr, out_ptr, C, H, W, WO, N_PIX, GROUPS, C_PER_G,
     pid_p = pid % n_pblk
     pid_c = (pid // n_pblk) % n_cblk
     bg = pid // (n_pblk * n_cblk)
-    b = bg // GROUPS
+    b = (bg // GROUPS).to(tl.int64)
     g = bg % GROUPS
 
     offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
@@ -95,9 +99,9 @@ def _forward_kernel(x_ptr, w_ptr, out_ptr, C, H, W, WO, N_PIX, GROUPS, C_PER_G,
     oj = offs_p % WO
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_c = offs_c < C_PER_G
-    planes = (b * C + g * C_PER_G + offs_c).to(tl.int64)
-    x_planes = x_ptr + planes[:, None] * (H * W)
-    w_taps = w_ptr + bg.to(tl.int64) * (K * K * N_PIX)
+    channels = (g * C_PER_G + offs_c).to(tl.int64)
+    x_planes = x_ptr + b * sxb + channels[:, None] * sxc
+    w_pixels = w_ptr + b * swb + g.to(tl.int64) * swg + oi * swh + oj * sww
 
     acc = tl.full([BLOCK_C, BLOCK_P], 0, ACC_DTYPE)
     # Kernel rows are a runtime loop and only the columns are unrolled: unrolling all K*K taps lets
@@ -109,14 +113,15 @@ def _forward_kernel(x_ptr, w_ptr, out_ptr, C, H, W, WO, N_PIX, GROUPS, C_PER_G,
             ix = oj * STRIDE + v * DILATION - PADDING
             # Masked taps read nothing: that is the zero padding.
             ok = row_ok & (ix >= 0) & (ix < W)
-            wv = tl.load(w_taps + (u * K + v) * N_PIX + offs_p, mask=mask_p, other=0.0).to(ACC_DTYPE)
-            xv = tl.load(x_planes + (iy * W + ix)[None, :], mask=mask_c[:, None] & ok[None, :], other=0.0)
+            wv = tl.load(w_pixels + (u * K + v) * swt, mask=mask_p, other=0.0).to(ACC_DTYPE)
+            xv = tl.load(x_planes + (iy * sxh + ix * sxw)[None, :], mask=mask_c[:, None] & ok[None, :], other=0.0)
             acc += xv.to(ACC_DTYPE) * wv[None, :]
-    out_ptrs = out_ptr + planes[:, None] * N_PIX + offs_p[None, :]
+    out_ptrs = out_ptr + b * sob + channels[:, None] * soc + (oi * soh + oj * sow)[None, :]
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_c[:, None] & mask_p[None, :])
 
 
-def _grad_x_kernel(go_ptr, w_ptr, gx_ptr, C, H, W, HO, WO, N_PIX, GROUPS, C_PER_G,
+def _grad_x_kernel(go_ptr, w_ptr, gx_ptr, H, W, HO, WO, GROUPS, C_PER_G,
+                   sgb, sgc, sgh, sgw, swb, swg, swt, swh, sww, sxb, sxc, sxh, sxw,
                    K: tl.constexpr, STRIDE: tl.constexpr, DILATION: tl.constexpr, PADDING: tl.constexpr,
                    ACC_DTYPE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
     # Gather, not scatter: a program owns BLOCK_C channels and BLOCK_P *input* pixels and, for each
@@ -124,14 +129,14 @@ def _grad_x_kernel(go_ptr, w_ptr, gx_ptr, C, H, W, HO, WO, N_PIX, GROUPS, C_PER_
     # i * STRIDE = y + PADDING - u * DILATION. Every input pixel is written exactly once, so no
     # atomics and no zero-initialised output are needed. With STRIDE > 1 only the taps where that
     # division is exact contribute (about 1 in STRIDE**2); the rest are masked loads, a cost
-    # accepted to keep one simple kernel for every stride and dilation.
+    # accepted to keep one simple kernel for every stride and dilation. (sxb...sxw are grad_x's.)
     pid = tl.program_id(0)
     n_qblk = (H * W + BLOCK_P - 1) // BLOCK_P
     n_cblk = (C_PER_G + BLOCK_C - 1) // BLOCK_C
     pid_q = pid % n_qblk
     pid_c = (pid // n_qblk) % n_cblk
     bg = pid // (n_qblk * n_cblk)
-    b = bg // GROUPS
+    b = (bg // GROUPS).to(tl.int64)
     g = bg % GROUPS
 
     offs_q = pid_q * BLOCK_P + tl.arange(0, BLOCK_P)
@@ -140,9 +145,9 @@ def _grad_x_kernel(go_ptr, w_ptr, gx_ptr, C, H, W, HO, WO, N_PIX, GROUPS, C_PER_
     x = offs_q % W
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_c = offs_c < C_PER_G
-    planes = (b * C + g * C_PER_G + offs_c).to(tl.int64)
-    go_planes = go_ptr + planes[:, None] * N_PIX
-    w_taps = w_ptr + bg.to(tl.int64) * (K * K * N_PIX)
+    channels = (g * C_PER_G + offs_c).to(tl.int64)
+    go_planes = go_ptr + b * sgb + channels[:, None] * sgc
+    w_taps = w_ptr + b * swb + g.to(tl.int64) * swg
 
     acc = tl.full([BLOCK_C, BLOCK_P], 0, ACC_DTYPE)
     for u in range(K):  # a runtime loop for the same register reason as in the forward kernel
@@ -159,15 +164,15 @@ def _grad_x_kernel(go_ptr, w_ptr, gx_ptr, C, H, W, HO, WO, N_PIX, GROUPS, C_PER_
             ok = row_ok & (tj >= 0) & (j < WO)
             if STRIDE > 1:
                 ok = ok & (tj % STRIDE == 0)
-            opix = i * WO + j
-            wv = tl.load(w_taps + (u * K + v) * N_PIX + opix, mask=ok, other=0.0).to(ACC_DTYPE)
-            gv = tl.load(go_planes + opix[None, :], mask=mask_c[:, None] & ok[None, :], other=0.0)
+            wv = tl.load(w_taps + (u * K + v) * swt + i * swh + j * sww, mask=ok, other=0.0).to(ACC_DTYPE)
+            gv = tl.load(go_planes + (i * sgh + j * sgw)[None, :], mask=mask_c[:, None] & ok[None, :], other=0.0)
             acc += gv.to(ACC_DTYPE) * wv[None, :]
-    gx_ptrs = gx_ptr + planes[:, None] * (H * W) + offs_q[None, :]
+    gx_ptrs = gx_ptr + b * sxb + channels[:, None] * sxc + (y * sxh + x * sxw)[None, :]
     tl.store(gx_ptrs, acc.to(gx_ptr.dtype.element_ty), mask=mask_c[:, None] & mask_q[None, :])
 
 
-def _grad_weight_kernel(go_ptr, x_ptr, gw_ptr, C, H, W, WO, N_PIX, GROUPS, C_PER_G,
+def _grad_weight_kernel(go_ptr, x_ptr, gw_ptr, H, W, WO, N_PIX, GROUPS, C_PER_G,
+                        sgb, sgc, sgh, sgw, sxb, sxc, sxh, sxw, swb, swg, swt, swh, sww,
                         K: tl.constexpr, STRIDE: tl.constexpr, DILATION: tl.constexpr, PADDING: tl.constexpr,
                         KK_PAD: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK_P: tl.constexpr):
     # A program owns all K*K taps of BLOCK_P output pixels of one (batch, group) and walks the
@@ -178,7 +183,7 @@ def _grad_weight_kernel(go_ptr, x_ptr, gw_ptr, C, H, W, WO, N_PIX, GROUPS, C_PER
     n_pblk = (N_PIX + BLOCK_P - 1) // BLOCK_P
     pid_p = pid % n_pblk
     bg = pid // n_pblk
-    b = bg // GROUPS
+    b = (bg // GROUPS).to(tl.int64)
     g = bg % GROUPS
 
     offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
@@ -190,23 +195,26 @@ def _grad_weight_kernel(go_ptr, x_ptr, gw_ptr, C, H, W, WO, N_PIX, GROUPS, C_PER
     iy = oi[None, :] * STRIDE + (taps // K)[:, None] * DILATION - PADDING
     ix = oj[None, :] * STRIDE + (taps % K)[:, None] * DILATION - PADDING
     x_ok = mask_t[:, None] & mask_p[None, :] & (iy >= 0) & (iy < H) & (ix >= 0) & (ix < W)
-    x_offs = iy * W + ix
+    x_offs = iy * sxh + ix * sxw
+    go_offs = oi * sgh + oj * sgw
 
     acc = tl.full([KK_PAD, BLOCK_P], 0, ACC_DTYPE)
-    first_plane = (b * C + g * C_PER_G).to(tl.int64)
+    first_channel = (g * C_PER_G).to(tl.int64)
     for c in range(C_PER_G):
-        plane = first_plane + c
-        gv = tl.load(go_ptr + plane * N_PIX + offs_p, mask=mask_p, other=0.0).to(ACC_DTYPE)
-        xv = tl.load(x_ptr + plane * (H * W) + x_offs, mask=x_ok, other=0.0).to(ACC_DTYPE)
+        channel = first_channel + c
+        gv = tl.load(go_ptr + b * sgb + channel * sgc + go_offs, mask=mask_p, other=0.0).to(ACC_DTYPE)
+        xv = tl.load(x_ptr + b * sxb + channel * sxc + x_offs, mask=x_ok, other=0.0).to(ACC_DTYPE)
         acc += xv * gv[None, :]
-    gw_ptrs = gw_ptr + bg.to(tl.int64) * (K * K * N_PIX) + taps[:, None] * N_PIX + offs_p[None, :]
+    gw_ptrs = (gw_ptr + b * swb + g.to(tl.int64) * swg + taps[:, None] * swt
+               + (oi * swh + oj * sww)[None, :])
     tl.store(gw_ptrs, acc.to(gw_ptr.dtype.element_ty), mask=mask_t[:, None] & mask_p[None, :])
 
 
-def _build(fn, with_channels: bool):
+def _build(fn, with_channels: bool, layout_key: str):
     """Returns (compiled and autotuned kernel, interpreted kernel or None) for one kernel source."""
-    # The key lists what changes the best tile; the tensors' dtypes are added by the autotuner.
-    key = ["N_PIX", "C_PER_G", "K", "STRIDE", "DILATION"]
+    # The key lists what changes the best tile: the problem's size and geometry, and a channel
+    # stride, which tells NCHW (H*W) from channels_last (1). The autotuner adds the dtypes.
+    key = ["H", "W", "C_PER_G", "K", "STRIDE", "DILATION", layout_key]
     compiled = triton.autotune(configs=_tile_configs(with_channels), key=key,
                                prune_configs_by={"early_config_prune": _prune_configs})(triton.jit(fn))
     interpreted = InterpretedFunction(fn) if InterpretedFunction is not None else None
@@ -215,9 +223,9 @@ def _build(fn, with_channels: bool):
 
 if triton is not None:
     _KERNELS = {
-        "forward": _build(_forward_kernel, with_channels=True),
-        "grad_x": _build(_grad_x_kernel, with_channels=True),
-        "grad_weight": _build(_grad_weight_kernel, with_channels=False),
+        "forward": _build(_forward_kernel, with_channels=True, layout_key="sxc"),
+        "grad_x": _build(_grad_x_kernel, with_channels=True, layout_key="sgc"),
+        "grad_weight": _build(_grad_weight_kernel, with_channels=False, layout_key="sxc"),
     }
 
 
@@ -245,58 +253,67 @@ def _geometry(kernel_size: int, dilation: int) -> dict:
     return dict(K=kernel_size, DILATION=dilation, PADDING=dilation * (kernel_size - 1) // 2)
 
 
+def _empty(shape, like: torch.Tensor) -> torch.Tensor:
+    """An output in ``like``'s memory layout (channels_last or NCHW), so a layout flows through."""
+    channels_last = not like.is_contiguous() and like.is_contiguous(memory_format=torch.channels_last)
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    return torch.empty(shape, dtype=like.dtype, device=like.device, memory_format=layout)
+
+
 def _forward(x: torch.Tensor, weight: torch.Tensor, kernel_size: int, stride: int, dilation: int) -> torch.Tensor:
     b, c, h, w = x.shape
     groups, _, ho, wo = weight.shape[1:]
-    out = torch.empty((b, c, ho, wo), dtype=x.dtype, device=x.device)
+    out = _empty((b, c, ho, wo), x)
     if out.numel() == 0:
         return out
     c_per_g, n_pix = c // groups, ho * wo
     _launch("forward", x,
             lambda m: b * groups * triton.cdiv(c_per_g, m["BLOCK_C"]) * triton.cdiv(n_pix, m["BLOCK_P"]),
-            x, weight, out, c, h, w, wo, n_pix, groups, c_per_g,
+            x, weight, out, h, w, wo, n_pix, groups, c_per_g, *x.stride(), *weight.stride(), *out.stride(),
             STRIDE=stride, ACC_DTYPE=_acc_dtype(x.dtype), **_geometry(kernel_size, dilation))
     return out
 
 
-def _grad_x(grad_out: torch.Tensor, weight: torch.Tensor, x_shape: torch.Size, kernel_size: int, stride: int,
+def _grad_x(grad_out: torch.Tensor, weight: torch.Tensor, x: torch.Tensor, kernel_size: int, stride: int,
             dilation: int) -> torch.Tensor:
-    b, c, h, w = x_shape
+    b, c, h, w = x.shape
     groups, _, ho, wo = weight.shape[1:]
-    grad_x = torch.empty(x_shape, dtype=grad_out.dtype, device=grad_out.device)
+    grad_x = _empty(x.shape, x)
     if grad_x.numel() == 0:
         return grad_x
     c_per_g = c // groups
     _launch("grad_x", grad_out,
             lambda m: b * groups * triton.cdiv(c_per_g, m["BLOCK_C"]) * triton.cdiv(h * w, m["BLOCK_P"]),
-            grad_out, weight, grad_x, c, h, w, ho, wo, ho * wo, groups, c_per_g,
+            grad_out, weight, grad_x, h, w, ho, wo, groups, c_per_g,
+            *grad_out.stride(), *weight.stride(), *grad_x.stride(),
             STRIDE=stride, ACC_DTYPE=_acc_dtype(grad_out.dtype), **_geometry(kernel_size, dilation))
     return grad_x
 
 
-def _grad_weight(grad_out: torch.Tensor, x: torch.Tensor, weight_shape: torch.Size, kernel_size: int, stride: int,
+def _grad_weight(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, kernel_size: int, stride: int,
                  dilation: int) -> torch.Tensor:
     b, c, h, w = x.shape
-    groups, _, ho, wo = weight_shape[1:]
-    grad_w = torch.empty(weight_shape, dtype=x.dtype, device=x.device)
+    groups, _, ho, wo = weight.shape[1:]
+    # empty_like keeps the weight's strides when they are dense (a view of a channels_last conv
+    # output is), so the gradient reaches that conv in the layout it computes in.
+    grad_w = torch.empty_like(weight)
     if grad_w.numel() == 0:
         return grad_w
     n_pix = ho * wo
     _launch("grad_weight", x,
             lambda m: b * groups * triton.cdiv(n_pix, m["BLOCK_P"]),
-            grad_out, x, grad_w, c, h, w, wo, n_pix, groups, c // groups,
+            grad_out, x, grad_w, h, w, wo, n_pix, groups, c // groups,
+            *grad_out.stride(), *x.stride(), *grad_w.stride(),
             STRIDE=stride, KK_PAD=triton.next_power_of_2(kernel_size * kernel_size),
             ACC_DTYPE=_acc_dtype(x.dtype), **_geometry(kernel_size, dilation))
     return grad_w
 
 
 class _InvolutionTriton(torch.autograd.Function):
+    # No ``.contiguous()`` anywhere: the kernels take strides, so channels_last activations,
+    # slices and the expanded (stride-0) gradients autograd often passes are read in place.
     @staticmethod
     def forward(ctx, x, weight, kernel_size, stride, dilation):
-        # The kernels index dense NCHW / (B, G, K*K, Ho, Wo) memory. ``.contiguous()`` is free for
-        # inputs already in that layout; otherwise (channels_last, slices, expanded weights) it is
-        # one extra read and write of the tensor, paid here and kept alive for the backward pass.
-        x, weight = x.contiguous(), weight.contiguous()
         ctx.save_for_backward(x, weight)
         ctx.geometry = (kernel_size, stride, dilation)
         return _forward(x, weight, kernel_size, stride, dilation)
@@ -305,10 +322,9 @@ class _InvolutionTriton(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
         x, weight = ctx.saved_tensors
-        # Same layout reason as in forward; grad_out is often an expanded (stride-0) tensor.
-        grad_out = grad_out.to(x.dtype).contiguous()
-        grad_x = _grad_x(grad_out, weight, x.shape, *ctx.geometry) if ctx.needs_input_grad[0] else None
-        grad_w = _grad_weight(grad_out, x, weight.shape, *ctx.geometry) if ctx.needs_input_grad[1] else None
+        grad_out = grad_out.to(x.dtype)
+        grad_x = _grad_x(grad_out, weight, x, *ctx.geometry) if ctx.needs_input_grad[0] else None
+        grad_w = _grad_weight(grad_out, x, weight, *ctx.geometry) if ctx.needs_input_grad[1] else None
         return grad_x, grad_w, None, None, None
 
 
