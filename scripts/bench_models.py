@@ -69,7 +69,8 @@ def measure(name: str, resolution: int, batch: int, args, device: torch.device) 
     x = torch.randn(batch, 3, resolution, resolution, device=device).contiguous(memory_format=memory_format)
     y = torch.randint(0, 10, (batch,), device=device)
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
-    # dynamic=False: the graphs between involutions recompiled with symbolic shapes, and Inductor
+    # dynamic=False: when the involution still broke the graph, the pieces between involutions
+    # recompiled with symbolic shapes and Inductor
     # (torch 2.14) then failed to compile their backward.
     run = torch.compile(model, dynamic=False) if args.compile else model
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp)

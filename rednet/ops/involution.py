@@ -10,26 +10,36 @@ with g(c) = c // (C / G) and p = d * (K - 1) // 2 (zero padding).
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
 
-# name -> (function, predicate telling whether it runs on a device, rank). Implementations
-# register themselves from their own modules, so this file stays the one dispatcher; the rank
-# (lower is preferred) records which one measured fastest, see scripts/bench_involution.py.
-_IMPLS: dict[str, tuple[Callable, Callable[[torch.device], bool], int]] = {}
+class Impl(NamedTuple):
+    """One implementation: how to run it, where it runs, and how much it is preferred."""
+
+    forward: Callable  # (x, weight, kernel_size, stride, dilation) -> out
+    # (grad_out, x, weight, kernel_size, stride, dilation, need_x, need_w) -> (grad_x | None, grad_w | None);
+    # None for an implementation autograd differentiates by itself (the unfold reference).
+    backward: Callable | None
+    runs_on: Callable[[torch.device], bool]
+    rank: int  # lower is preferred by impl="auto": the measured winner, see scripts/bench_involution.py
 
 
-def register_impl(name: str, fn: Callable, runs_on: Callable[[torch.device], bool], rank: int) -> None:
-    """``fn(x, weight, kernel_size, stride, dilation)`` receives checked, same-dtype inputs."""
-    _IMPLS[name] = (fn, runs_on, rank)
+# Implementations register themselves from their own modules, so this file stays the one dispatcher.
+_IMPLS: dict[str, Impl] = {}
+
+
+def register_impl(name: str, forward: Callable, backward: Callable | None, runs_on: Callable[[torch.device], bool],
+                  rank: int) -> None:
+    """``forward`` and ``backward`` receive checked, same-dtype inputs in any memory layout."""
+    _IMPLS[name] = Impl(forward, backward, runs_on, rank)
 
 
 def available_impls(device: torch.device | str = "cpu") -> list[str]:
     """Names of the implementations that run on ``device``, best first for ``impl="auto"``."""
     device = torch.device(device)
-    usable = [(rank, name) for name, (_, runs_on, rank) in _IMPLS.items() if runs_on(device)]
+    usable = [(entry.rank, name) for name, entry in _IMPLS.items() if entry.runs_on(device)]
     return [name for _, name in sorted(usable)]
 
 
@@ -78,12 +88,67 @@ def involution_unfold(x: torch.Tensor, weight: torch.Tensor, kernel_size: int, s
     return (weight.unsqueeze(2) * cols).sum(dim=3).view(b, c, ho, wo)
 
 
-register_impl("unfold", involution_unfold, lambda device: True, rank=100)
+register_impl("unfold", involution_unfold, None, lambda device: True, rank=100)
 
 
-# torch.compile runs around the operator, not through it: its implementations are already fused
-# or hand-scheduled, and tracing shift's views of reused buffers fails in AOTAutograd (torch 2.14).
-@torch.compiler.disable
+def _layout_like(x: torch.Tensor) -> torch.memory_format:
+    channels_last = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+    return torch.channels_last if channels_last else torch.contiguous_format
+
+
+# The fused implementations are PyTorch custom operators, so torch.compile sees each involution as
+# one opaque node with a known output shape: the whole model compiles into one graph, with no
+# graph break (and no recompilation per block shape) at every involution. Tracing *into* them is
+# neither useful (they are already fused or hand-scheduled) nor possible (AOTAutograd failed on
+# shift's views of reused buffers, torch 2.14).
+@torch.library.custom_op("rednet::involution", mutates_args=())
+def _involution_op(x: torch.Tensor, weight: torch.Tensor, kernel_size: int, stride: int, dilation: int,
+                   impl: str) -> torch.Tensor:
+    # Autocast stays on inside a custom operator; the implementations choose their own precision.
+    with torch.autocast(x.device.type, enabled=False):
+        return _IMPLS[impl].forward(x, weight, kernel_size, stride, dilation)
+
+
+@_involution_op.register_fake
+def _(x, weight, kernel_size, stride, dilation, impl):
+    b, c = x.shape[:2]
+    ho, wo = weight.shape[-2:]
+    return x.new_empty((b, c, ho, wo)).contiguous(memory_format=_layout_like(x))
+
+
+@torch.library.custom_op("rednet::involution_backward", mutates_args=())
+def _involution_backward_op(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, kernel_size: int,
+                            stride: int, dilation: int, impl: str, need_x: bool,
+                            need_w: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    with torch.autocast(x.device.type, enabled=False):
+        grad_x, grad_w = _IMPLS[impl].backward(grad_out, x, weight, kernel_size, stride, dilation, need_x, need_w)
+    # A custom operator returns tensors, never None: an unneeded gradient is an empty tensor.
+    return (grad_x if need_x else x.new_empty(0)), (grad_w if need_w else weight.new_empty(0))
+
+
+@_involution_backward_op.register_fake
+def _(grad_out, x, weight, kernel_size, stride, dilation, impl, need_x, need_w):
+    grad_x = torch.empty_like(x, memory_format=_layout_like(x)) if need_x else x.new_empty(0)
+    grad_w = torch.empty_like(weight) if need_w else weight.new_empty(0)
+    return grad_x, grad_w
+
+
+def _save_for_backward(ctx, inputs, output):
+    x, weight, *geometry_and_impl = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.args = tuple(geometry_and_impl)
+
+
+def _backward(ctx, grad_out):
+    x, weight = ctx.saved_tensors
+    need_x, need_w = ctx.needs_input_grad[:2]
+    grad_x, grad_w = _involution_backward_op(grad_out.to(x.dtype), x, weight, *ctx.args, need_x, need_w)
+    return (grad_x if need_x else None), (grad_w if need_w else None), None, None, None, None
+
+
+_involution_op.register_autograd(_backward, setup_context=_save_for_backward)
+
+
 def involution(x: torch.Tensor, weight: torch.Tensor, kernel_size: int, stride: int = 1, dilation: int = 1,
                impl: str = "auto") -> torch.Tensor:
     """Involution of ``x`` (B, C, H, W) with per-pixel kernels ``weight`` (B, G, K*K, Ho, Wo).
@@ -104,8 +169,8 @@ def involution(x: torch.Tensor, weight: torch.Tensor, kernel_size: int, stride: 
     if torch.is_autocast_enabled(x.device.type):
         dtype = torch.get_autocast_dtype(x.device.type)
         x, weight = x.to(dtype), weight.to(dtype)
-        with torch.autocast(x.device.type, enabled=False):
-            return _IMPLS[impl][0](x, weight, kernel_size, stride, dilation)
-    if x.dtype != weight.dtype:
+    elif x.dtype != weight.dtype:
         raise ValueError(f"x is {x.dtype} but weight is {weight.dtype}; cast one of them, or run under torch.autocast")
-    return _IMPLS[impl][0](x, weight, kernel_size, stride, dilation)
+    if _IMPLS[impl].backward is None:
+        return _IMPLS[impl].forward(x, weight, kernel_size, stride, dilation)
+    return _involution_op(x, weight, kernel_size, stride, dilation, impl)

@@ -38,7 +38,6 @@ from __future__ import annotations
 from functools import lru_cache
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from rednet.ops.involution import register_impl
 
@@ -391,29 +390,16 @@ def _backward(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, g: 
     return grad_x, grad_w
 
 
-class _ShiftInvolution(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, kernel_size, stride, dilation):
-        geo = _Geometry(x, weight, kernel_size, stride, dilation)
-        ctx.save_for_backward(x, weight)
-        ctx.geo = geo
-        return _forward(x, weight, geo)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_out):
-        x, weight = ctx.saved_tensors
-        need_x, need_w = ctx.needs_input_grad[:2]
-        if not (need_x or need_w):
-            return None, None, None, None, None
-        grad_x, grad_w = _backward(grad_out, x, weight, ctx.geo, need_x, need_w)
-        return grad_x, grad_w, None, None, None
-
-
-def involution_shift(x: torch.Tensor, weight: torch.Tensor, kernel_size: int, stride: int = 1,
-                     dilation: int = 1) -> torch.Tensor:
+def shift_forward(x: torch.Tensor, weight: torch.Tensor, kernel_size: int, stride: int, dilation: int) -> torch.Tensor:
     """Involution as K*K shifted multiply-adds; extra memory is a few cache-sized chunk buffers."""
-    return _ShiftInvolution.apply(x, weight, kernel_size, stride, dilation)
+    return _forward(x, weight, _Geometry(x, weight, kernel_size, stride, dilation))
 
 
-register_impl("shift", involution_shift, lambda device: True, rank=20)
+def shift_backward(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, kernel_size: int, stride: int,
+                   dilation: int, need_x: bool, need_w: bool):
+    if not (need_x or need_w):
+        return None, None
+    return _backward(grad_out, x, weight, _Geometry(x, weight, kernel_size, stride, dilation), need_x, need_w)
+
+
+register_impl("shift", shift_forward, shift_backward, lambda device: True, rank=20)

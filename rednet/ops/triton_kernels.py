@@ -309,31 +309,21 @@ def _grad_weight(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, 
     return grad_w
 
 
-class _InvolutionTriton(torch.autograd.Function):
-    # No ``.contiguous()`` anywhere: the kernels take strides, so channels_last activations,
-    # slices and the expanded (stride-0) gradients autograd often passes are read in place.
-    @staticmethod
-    def forward(ctx, x, weight, kernel_size, stride, dilation):
-        ctx.save_for_backward(x, weight)
-        ctx.geometry = (kernel_size, stride, dilation)
-        return _forward(x, weight, kernel_size, stride, dilation)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out):
-        x, weight = ctx.saved_tensors
-        grad_out = grad_out.to(x.dtype)
-        grad_x = _grad_x(grad_out, weight, x, *ctx.geometry) if ctx.needs_input_grad[0] else None
-        grad_w = _grad_weight(grad_out, x, weight, *ctx.geometry) if ctx.needs_input_grad[1] else None
-        return grad_x, grad_w, None, None, None
-
-
-def involution_triton(x: torch.Tensor, weight: torch.Tensor, kernel_size: int, stride: int = 1,
-                      dilation: int = 1) -> torch.Tensor:
+# No ``.contiguous()`` anywhere: the kernels take strides, so channels_last activations, slices
+# and the expanded (stride-0) gradients autograd often passes are read in place.
+def triton_forward(x: torch.Tensor, weight: torch.Tensor, kernel_size: int, stride: int, dilation: int) -> torch.Tensor:
     """Fused Triton involution; see :func:`rednet.ops.involution.involution` for the contract."""
     if x.dtype not in _SUPPORTED_DTYPES:
         raise TypeError(f"the triton involution supports {_SUPPORTED_DTYPES}, got {x.dtype}")
-    return _InvolutionTriton.apply(x, weight, kernel_size, stride, dilation)
+    return _forward(x, weight, kernel_size, stride, dilation)
+
+
+def triton_backward(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, kernel_size: int, stride: int,
+                    dilation: int, need_x: bool, need_w: bool):
+    geometry = (kernel_size, stride, dilation)
+    grad_x = _grad_x(grad_out, weight, x, *geometry) if need_x else None
+    grad_w = _grad_weight(grad_out, x, weight, *geometry) if need_w else None
+    return grad_x, grad_w
 
 
 def _runs_on(device: torch.device) -> bool:
@@ -345,4 +335,4 @@ def _runs_on(device: torch.device) -> bool:
 
 
 if triton is not None:
-    register_impl("triton", involution_triton, _runs_on, rank=10)
+    register_impl("triton", triton_forward, triton_backward, _runs_on, rank=10)
