@@ -209,3 +209,27 @@ def test_error_unknown_impl():
     x, weight = make_inputs(1, 8, 6, 6, 2, 3)
     with pytest.raises(ValueError, match="unknown involution impl 'nope'"):
         involution(x, weight, 3, impl="nope")
+
+
+def _layout_cases(stride):
+    """NCHW inputs, and a channels_last model's: an NHWC x and a weight viewed from an NHWC conv output."""
+    k, groups = 3, 2
+    x, weight = make_inputs(2, 8, 7, 5, groups, k, stride)
+    b, _, kk, ho, wo = weight.shape
+    w_cl = weight.reshape(b, groups * kk, ho, wo).contiguous(memory_format=torch.channels_last)
+    return [(x, weight), (x.contiguous(memory_format=torch.channels_last), w_cl.view(b, groups, kk, ho, wo))]
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("impl", [i for i in CPU_IMPLS if i != "unfold"])
+def test_custom_operator_passes_opcheck(impl, stride):
+    # opcheck runs the operators for real and with fake tensors, under AOTAutograd and with
+    # dynamic shapes: torch.compile relies on the fake kernels announcing the real outputs'
+    # shapes and strides (a wrong weight-gradient layout once failed compiled channels_last training).
+    for x, weight in _layout_cases(stride):
+        x, weight = x.requires_grad_(), weight.requires_grad_()
+        torch.library.opcheck(torch.ops.rednet.involution.default, (x, weight, 3, stride, 1, impl))
+        grad_out = involution(x, weight, 3, stride, impl=impl).detach()
+        for need_x, need_w in [(True, True), (True, False), (False, True)]:
+            torch.library.opcheck(torch.ops.rednet.involution_backward.default,
+                                  (grad_out, x.detach(), weight.detach(), 3, stride, 1, impl, need_x, need_w))

@@ -205,3 +205,17 @@ def test_import_without_triton():
     result = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True,
                             timeout=120)
     assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize("s", [1, 2])
+def test_custom_operator_passes_opcheck(s):
+    # See test_ops.py: torch.compile trusts the fake kernels' layouts; here for the Triton impl.
+    k, groups = 3, 2
+    x, weight = make_inputs(1, 4, groups, 6, 5, k, s, 1)
+    b, _, kk, ho, wo = weight.shape
+    w_view = weight.reshape(b, groups * kk, ho, wo).contiguous(memory_format=torch.channels_last).view(weight.shape)
+    for x_, w_ in [(x, weight), (x.contiguous(memory_format=torch.channels_last), w_view)]:
+        torch.library.opcheck(torch.ops.rednet.involution.default, (x_.requires_grad_(), w_.requires_grad_(), k, s, 1, "triton"))
+        grad_out = torch.randn(1, 4, ho, wo)
+        torch.library.opcheck(torch.ops.rednet.involution_backward.default,
+                              (grad_out, x_.detach(), w_.detach(), k, s, 1, "triton", True, True))

@@ -91,9 +91,22 @@ def involution_unfold(x: torch.Tensor, weight: torch.Tensor, kernel_size: int, s
 register_impl("unfold", involution_unfold, None, lambda device: True, rank=100)
 
 
-def _layout_like(x: torch.Tensor) -> torch.memory_format:
+def new_output(x: torch.Tensor, shape) -> torch.Tensor:
+    """An uninitialised output or input gradient in ``x``'s layout (channels_last or NCHW).
+
+    Every implementation with an explicit backward allocates through this function and
+    :func:`new_weight_grad`: torch.compile trusts the layouts the fake kernels below announce, and
+    Inductor checks them against the real outputs.
+    """
     channels_last = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
-    return torch.channels_last if channels_last else torch.contiguous_format
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=layout)
+
+
+def new_weight_grad(weight: torch.Tensor) -> torch.Tensor:
+    # empty_like keeps the weight's strides when they are dense (a view of a channels_last conv
+    # output is), so the gradient reaches that conv in the layout it computes in.
+    return torch.empty_like(weight)
 
 
 # The fused implementations are PyTorch custom operators, so torch.compile sees each involution as
@@ -113,7 +126,7 @@ def _involution_op(x: torch.Tensor, weight: torch.Tensor, kernel_size: int, stri
 def _(x, weight, kernel_size, stride, dilation, impl):
     b, c = x.shape[:2]
     ho, wo = weight.shape[-2:]
-    return x.new_empty((b, c, ho, wo)).contiguous(memory_format=_layout_like(x))
+    return new_output(x, (b, c, ho, wo))
 
 
 @torch.library.custom_op("rednet::involution_backward", mutates_args=())
@@ -128,8 +141,8 @@ def _involution_backward_op(grad_out: torch.Tensor, x: torch.Tensor, weight: tor
 
 @_involution_backward_op.register_fake
 def _(grad_out, x, weight, kernel_size, stride, dilation, impl, need_x, need_w):
-    grad_x = torch.empty_like(x, memory_format=_layout_like(x)) if need_x else x.new_empty(0)
-    grad_w = torch.empty_like(weight) if need_w else weight.new_empty(0)
+    grad_x = new_output(x, x.shape) if need_x else x.new_empty(0)
+    grad_w = new_weight_grad(weight) if need_w else weight.new_empty(0)
     return grad_x, grad_w
 
 

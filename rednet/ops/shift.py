@@ -39,7 +39,7 @@ from functools import lru_cache
 
 import torch
 
-from rednet.ops.involution import register_impl
+from rednet.ops.involution import new_output, new_weight_grad, register_impl
 
 # Elements of chunk buffers per intra-op thread. On the CPU this keeps a chunk's working set in
 # the caches while every op stays large enough to be split between the threads: on a 2-core
@@ -347,10 +347,7 @@ class _BackwardPlan:
 
 
 def _forward(x: torch.Tensor, weight: torch.Tensor, g: _Geometry) -> torch.Tensor:
-    # Like a convolution, keep a channels_last input channels_last.
-    fmt = torch.channels_last if (x.is_contiguous(memory_format=torch.channels_last)
-                                  and not x.is_contiguous()) else torch.contiguous_format
-    out = torch.empty(g.batch, g.channels, g.ho, g.wo, dtype=x.dtype, device=x.device, memory_format=fmt)
+    out = new_output(x, (g.batch, g.channels, g.ho, g.wo))  # like a convolution, keeps channels_last
     x5 = x.view(g.batch, g.groups, g.cg, g.h, g.w)
     out5 = out.view(g.batch, g.groups, g.cg, g.ho, g.wo)
     plan = None
@@ -364,8 +361,8 @@ def _forward(x: torch.Tensor, weight: torch.Tensor, g: _Geometry) -> torch.Tenso
 
 def _backward(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, g: _Geometry,
               need_x: bool, need_w: bool):
-    grad_x = torch.empty_like(x) if need_x else None
-    grad_w = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device) if need_w else None
+    grad_x = new_output(x, x.shape) if need_x else None
+    grad_w = new_weight_grad(weight) if need_w else None
     x5 = x.view(g.batch, g.groups, g.cg, g.h, g.w)
     go5 = grad_out.view(g.batch, g.groups, g.cg, g.ho, g.wo)
     gx5 = grad_x.view(g.batch, g.groups, g.cg, g.h, g.w) if need_x else None

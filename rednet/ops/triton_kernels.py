@@ -19,7 +19,7 @@ import os
 
 import torch
 
-from rednet.ops.involution import register_impl
+from rednet.ops.involution import new_output, new_weight_grad, register_impl
 
 try:
     import triton
@@ -253,17 +253,10 @@ def _geometry(kernel_size: int, dilation: int) -> dict:
     return dict(K=kernel_size, DILATION=dilation, PADDING=dilation * (kernel_size - 1) // 2)
 
 
-def _empty(shape, like: torch.Tensor) -> torch.Tensor:
-    """An output in ``like``'s memory layout (channels_last or NCHW), so a layout flows through."""
-    channels_last = not like.is_contiguous() and like.is_contiguous(memory_format=torch.channels_last)
-    layout = torch.channels_last if channels_last else torch.contiguous_format
-    return torch.empty(shape, dtype=like.dtype, device=like.device, memory_format=layout)
-
-
 def _forward(x: torch.Tensor, weight: torch.Tensor, kernel_size: int, stride: int, dilation: int) -> torch.Tensor:
     b, c, h, w = x.shape
     groups, _, ho, wo = weight.shape[1:]
-    out = _empty((b, c, ho, wo), x)
+    out = new_output(x, (b, c, ho, wo))
     if out.numel() == 0:
         return out
     c_per_g, n_pix = c // groups, ho * wo
@@ -278,7 +271,7 @@ def _grad_x(grad_out: torch.Tensor, weight: torch.Tensor, x: torch.Tensor, kerne
             dilation: int) -> torch.Tensor:
     b, c, h, w = x.shape
     groups, _, ho, wo = weight.shape[1:]
-    grad_x = _empty(x.shape, x)
+    grad_x = new_output(x, x.shape)
     if grad_x.numel() == 0:
         return grad_x
     c_per_g = c // groups
@@ -294,9 +287,7 @@ def _grad_weight(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, 
                  dilation: int) -> torch.Tensor:
     b, c, h, w = x.shape
     groups, _, ho, wo = weight.shape[1:]
-    # empty_like keeps the weight's strides when they are dense (a view of a channels_last conv
-    # output is), so the gradient reaches that conv in the layout it computes in.
-    grad_w = torch.empty_like(weight)
+    grad_w = new_weight_grad(weight)
     if grad_w.numel() == 0:
         return grad_w
     n_pix = ho * wo
