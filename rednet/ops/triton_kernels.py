@@ -68,8 +68,10 @@ def _prune_configs(configs, named_args, **kwargs):
 # The kernels below are plain functions; ``_build`` turns each into a compiled, autotuned kernel
 # and an interpreted one. Every tensor is addressed through its strides, so NCHW, channels_last,
 # sliced inputs and expanded gradients are all read in place: a channels_last model pays no layout
-# copies around its involutions. Stride arguments equal to 1 are specialised by Triton, so the
-# innermost dimension of either layout gets contiguous, vectorised accesses. The weight is viewed
+# copies around its involutions. Where a tensor's pixels are dense in row-major order (NCHW, and
+# the weight of an NCHW model) a *_FLAT flag addresses them by the flat pixel index, which Triton
+# can prove contiguous and so load and store in wide vectors; (i * stride_h + j * stride_w) is the
+# same address in a form it cannot. The weight is viewed
 # as (B, G, K*K, Ho, Wo). The grid is one-dimensional because B*G*blocks can exceed the 65535
 # limit of CUDA's second and third grid axes; pixel blocks vary fastest so that programs running
 # together share one weight slice in L2. Batch and channel offsets are formed in int64 because
@@ -81,6 +83,7 @@ def _prune_configs(configs, named_args, **kwargs):
 def _forward_kernel(x_ptr, w_ptr, out_ptr, H, W, WO, N_PIX, GROUPS, C_PER_G,
                     sxb, sxc, sxh, sxw, swb, swg, swt, swh, sww, sob, soc, soh, sow,
                     K: tl.constexpr, STRIDE: tl.constexpr, DILATION: tl.constexpr, PADDING: tl.constexpr,
+                    W_FLAT: tl.constexpr, OUT_FLAT: tl.constexpr,
                     ACC_DTYPE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
     # A program owns BLOCK_C channels of one group and BLOCK_P output pixels, so each weight value
     # it loads is reused by BLOCK_C channels.
@@ -101,7 +104,10 @@ def _forward_kernel(x_ptr, w_ptr, out_ptr, H, W, WO, N_PIX, GROUPS, C_PER_G,
     mask_c = offs_c < C_PER_G
     channels = (g * C_PER_G + offs_c).to(tl.int64)
     x_planes = x_ptr + b * sxb + channels[:, None] * sxc
-    w_pixels = w_ptr + b * swb + g.to(tl.int64) * swg + oi * swh + oj * sww
+    if W_FLAT:
+        w_pixels = w_ptr + b * swb + g.to(tl.int64) * swg + offs_p
+    else:
+        w_pixels = w_ptr + b * swb + g.to(tl.int64) * swg + oi * swh + oj * sww
 
     acc = tl.full([BLOCK_C, BLOCK_P], 0, ACC_DTYPE)
     # Kernel rows are a runtime loop and only the columns are unrolled: unrolling all K*K taps lets
@@ -116,13 +122,18 @@ def _forward_kernel(x_ptr, w_ptr, out_ptr, H, W, WO, N_PIX, GROUPS, C_PER_G,
             wv = tl.load(w_pixels + (u * K + v) * swt, mask=mask_p, other=0.0).to(ACC_DTYPE)
             xv = tl.load(x_planes + (iy * sxh + ix * sxw)[None, :], mask=mask_c[:, None] & ok[None, :], other=0.0)
             acc += xv.to(ACC_DTYPE) * wv[None, :]
-    out_ptrs = out_ptr + b * sob + channels[:, None] * soc + (oi * soh + oj * sow)[None, :]
+    if OUT_FLAT:
+        out_pix = offs_p
+    else:
+        out_pix = oi * soh + oj * sow
+    out_ptrs = out_ptr + b * sob + channels[:, None] * soc + out_pix[None, :]
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_c[:, None] & mask_p[None, :])
 
 
 def _grad_x_kernel(go_ptr, w_ptr, gx_ptr, H, W, HO, WO, GROUPS, C_PER_G,
                    sgb, sgc, sgh, sgw, swb, swg, swt, swh, sww, sxb, sxc, sxh, sxw,
                    K: tl.constexpr, STRIDE: tl.constexpr, DILATION: tl.constexpr, PADDING: tl.constexpr,
+                   GX_FLAT: tl.constexpr,
                    ACC_DTYPE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
     # Gather, not scatter: a program owns BLOCK_C channels and BLOCK_P *input* pixels and, for each
     # tap (u, v), reads the one output pixel (i, j) whose window put x[y, x] under that tap, i.e.
@@ -167,13 +178,18 @@ def _grad_x_kernel(go_ptr, w_ptr, gx_ptr, H, W, HO, WO, GROUPS, C_PER_G,
             wv = tl.load(w_taps + (u * K + v) * swt + i * swh + j * sww, mask=ok, other=0.0).to(ACC_DTYPE)
             gv = tl.load(go_planes + (i * sgh + j * sgw)[None, :], mask=mask_c[:, None] & ok[None, :], other=0.0)
             acc += gv.to(ACC_DTYPE) * wv[None, :]
-    gx_ptrs = gx_ptr + b * sxb + channels[:, None] * sxc + (y * sxh + x * sxw)[None, :]
+    if GX_FLAT:
+        gx_pix = offs_q
+    else:
+        gx_pix = y * sxh + x * sxw
+    gx_ptrs = gx_ptr + b * sxb + channels[:, None] * sxc + gx_pix[None, :]
     tl.store(gx_ptrs, acc.to(gx_ptr.dtype.element_ty), mask=mask_c[:, None] & mask_q[None, :])
 
 
 def _grad_weight_kernel(go_ptr, x_ptr, gw_ptr, H, W, WO, N_PIX, GROUPS, C_PER_G,
                         sgb, sgc, sgh, sgw, sxb, sxc, sxh, sxw, swb, swg, swt, swh, sww,
                         K: tl.constexpr, STRIDE: tl.constexpr, DILATION: tl.constexpr, PADDING: tl.constexpr,
+                        GO_FLAT: tl.constexpr, GW_FLAT: tl.constexpr,
                         KK_PAD: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK_P: tl.constexpr):
     # A program owns all K*K taps of BLOCK_P output pixels of one (batch, group) and walks the
     # C/G channels of the group itself, so the channel reduction is a register sum: no atomics and
@@ -196,7 +212,10 @@ def _grad_weight_kernel(go_ptr, x_ptr, gw_ptr, H, W, WO, N_PIX, GROUPS, C_PER_G,
     ix = oj[None, :] * STRIDE + (taps % K)[:, None] * DILATION - PADDING
     x_ok = mask_t[:, None] & mask_p[None, :] & (iy >= 0) & (iy < H) & (ix >= 0) & (ix < W)
     x_offs = iy * sxh + ix * sxw
-    go_offs = oi * sgh + oj * sgw
+    if GO_FLAT:
+        go_offs = offs_p
+    else:
+        go_offs = oi * sgh + oj * sgw
 
     acc = tl.full([KK_PAD, BLOCK_P], 0, ACC_DTYPE)
     first_channel = (g * C_PER_G).to(tl.int64)
@@ -205,8 +224,11 @@ def _grad_weight_kernel(go_ptr, x_ptr, gw_ptr, H, W, WO, N_PIX, GROUPS, C_PER_G,
         gv = tl.load(go_ptr + b * sgb + channel * sgc + go_offs, mask=mask_p, other=0.0).to(ACC_DTYPE)
         xv = tl.load(x_ptr + b * sxb + channel * sxc + x_offs, mask=x_ok, other=0.0).to(ACC_DTYPE)
         acc += xv * gv[None, :]
-    gw_ptrs = (gw_ptr + b * swb + g.to(tl.int64) * swg + taps[:, None] * swt
-               + (oi * swh + oj * sww)[None, :])
+    if GW_FLAT:
+        gw_pix = offs_p
+    else:
+        gw_pix = oi * swh + oj * sww
+    gw_ptrs = gw_ptr + b * swb + g.to(tl.int64) * swg + taps[:, None] * swt + gw_pix[None, :]
     tl.store(gw_ptrs, acc.to(gw_ptr.dtype.element_ty), mask=mask_t[:, None] & mask_p[None, :])
 
 
@@ -253,6 +275,11 @@ def _geometry(kernel_size: int, dilation: int) -> dict:
     return dict(K=kernel_size, DILATION=dilation, PADDING=dilation * (kernel_size - 1) // 2)
 
 
+def _flat(t: torch.Tensor) -> bool:
+    """Whether the last two (pixel) dimensions are dense in row-major order."""
+    return t.stride(-1) == 1 and t.stride(-2) == t.shape[-1]
+
+
 def _forward(x: torch.Tensor, weight: torch.Tensor, kernel_size: int, stride: int, dilation: int) -> torch.Tensor:
     b, c, h, w = x.shape
     groups, _, ho, wo = weight.shape[1:]
@@ -263,7 +290,7 @@ def _forward(x: torch.Tensor, weight: torch.Tensor, kernel_size: int, stride: in
     _launch("forward", x,
             lambda m: b * groups * triton.cdiv(c_per_g, m["BLOCK_C"]) * triton.cdiv(n_pix, m["BLOCK_P"]),
             x, weight, out, h, w, wo, n_pix, groups, c_per_g, *x.stride(), *weight.stride(), *out.stride(),
-            STRIDE=stride, ACC_DTYPE=_acc_dtype(x.dtype), **_geometry(kernel_size, dilation))
+            W_FLAT=_flat(weight), OUT_FLAT=_flat(out), STRIDE=stride, ACC_DTYPE=_acc_dtype(x.dtype), **_geometry(kernel_size, dilation))
     return out
 
 
@@ -278,7 +305,7 @@ def _grad_x(grad_out: torch.Tensor, weight: torch.Tensor, x: torch.Tensor, kerne
     _launch("grad_x", grad_out,
             lambda m: b * groups * triton.cdiv(c_per_g, m["BLOCK_C"]) * triton.cdiv(h * w, m["BLOCK_P"]),
             grad_out, weight, grad_x, h, w, ho, wo, groups, c_per_g,
-            *grad_out.stride(), *weight.stride(), *grad_x.stride(),
+            *grad_out.stride(), *weight.stride(), *grad_x.stride(), GX_FLAT=_flat(grad_x),
             STRIDE=stride, ACC_DTYPE=_acc_dtype(grad_out.dtype), **_geometry(kernel_size, dilation))
     return grad_x
 
@@ -294,7 +321,7 @@ def _grad_weight(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, 
     _launch("grad_weight", x,
             lambda m: b * groups * triton.cdiv(n_pix, m["BLOCK_P"]),
             grad_out, x, grad_w, h, w, wo, n_pix, groups, c // groups,
-            *grad_out.stride(), *x.stride(), *grad_w.stride(),
+            *grad_out.stride(), *x.stride(), *grad_w.stride(), GO_FLAT=_flat(grad_out), GW_FLAT=_flat(grad_w),
             STRIDE=stride, KK_PAD=triton.next_power_of_2(kernel_size * kernel_size),
             ACC_DTYPE=_acc_dtype(x.dtype), **_geometry(kernel_size, dilation))
     return grad_w
