@@ -233,3 +233,20 @@ def test_custom_operator_passes_opcheck(impl, stride):
         for need_x, need_w in [(True, True), (True, False), (False, True)]:
             torch.library.opcheck(torch.ops.rednet.involution_backward.default,
                                   (grad_out, x.detach(), weight.detach(), 3, stride, 1, impl, need_x, need_w))
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(kernel_size=True), "kernel_size must be odd and positive, got True"),
+    (dict(kernel_size=3, stride=0), "stride must be a positive integer, got 0"),
+    (dict(kernel_size=3, dilation=1.0), "dilation must be a positive integer, got 1.0"),
+])
+def test_error_bad_geometry(kwargs, message):
+    x, weight = make_inputs(1, 8, 6, 6, 2, 3)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        involution(x, weight, **kwargs)
+
+
+def test_error_integer_tensors():
+    x, weight = make_inputs(1, 8, 6, 6, 2, 3)
+    with pytest.raises(ValueError, match="must be floating point, got torch.int64 and torch.int64"):
+        involution(x.long(), weight.long(), 3)

@@ -50,12 +50,18 @@ def output_size(size: int, kernel_size: int, stride: int, dilation: int) -> int:
 
 def check_args(x: torch.Tensor, weight: torch.Tensor, kernel_size: int, stride: int, dilation: int) -> int:
     """Validates the arguments and returns the number of groups."""
-    if not isinstance(kernel_size, int) or kernel_size < 1 or kernel_size % 2 == 0:
+    # bool is an int subclass: without the explicit check, kernel_size=True would mean 1.
+    def is_size(v) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+    if not is_size(kernel_size) or kernel_size % 2 == 0:
         raise ValueError(f"kernel_size must be odd and positive, got {kernel_size!r}")
-    if not isinstance(stride, int) or stride < 1:
+    if not is_size(stride):
         raise ValueError(f"stride must be a positive integer, got {stride!r}")
-    if not isinstance(dilation, int) or dilation < 1:
+    if not is_size(dilation):
         raise ValueError(f"dilation must be a positive integer, got {dilation!r}")
+    if not (x.is_floating_point() and weight.is_floating_point()):
+        raise ValueError(f"x and weight must be floating point, got {x.dtype} and {weight.dtype}")
     if x.dim() != 4:
         raise ValueError(f"x must be (B, C, H, W), got shape {tuple(x.shape)}")
     if weight.dim() != 5:
