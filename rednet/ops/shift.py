@@ -394,8 +394,6 @@ def shift_forward(x: torch.Tensor, weight: torch.Tensor, kernel_size: int, strid
 
 def shift_backward(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, kernel_size: int, stride: int,
                    dilation: int, need_x: bool, need_w: bool):
-    if not (need_x or need_w):
-        return None, None
     return _backward(grad_out, x, weight, _Geometry(x, weight, kernel_size, stride, dilation), need_x, need_w)
 
 
