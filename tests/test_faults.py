@@ -103,3 +103,28 @@ def test_non_finite_loss_can_be_skipped(tmp_path):
     metrics = trainer.fit()
     assert metrics["epoch"] == 2 and metrics["step"] == 10  # two batches skipped
     assert torch.isfinite(torch.tensor(metrics["val"]["loss"]))
+
+
+class EmptyBatches:
+    """The train loader, with the batches numbered in ``calls`` emptied, as SkipNone collates a
+    batch of unreadable images."""
+
+    def __init__(self, loader, calls):
+        self.loader, self.calls, self.sampler = loader, calls, loader.sampler
+
+    def __len__(self):
+        return len(self.loader)
+
+    def __iter__(self):
+        for i, (images, target) in enumerate(self.loader, 1):
+            yield (images[:0], target[:0]) if i in self.calls else (images, target)
+
+
+def test_empty_batch_is_skipped_not_counted_as_non_finite(tmp_path, caplog):
+    trainer = Trainer(compose_config(FAST + RUN), tmp_path / "run")  # max_bad_steps=0: a NaN would stop it
+    trainer.train_loader = EmptyBatches(trainer.train_loader, {3})
+    with caplog.at_level("INFO"):
+        metrics = trainer.fit()
+    assert metrics["epoch"] == 2 and metrics["step"] == 10  # one batch per epoch skipped
+    assert "warning: no readable image in batch 3 of epoch 1; batch skipped" in caplog.text
+    assert torch.isfinite(torch.tensor(metrics["train"]["loss"])) and torch.isfinite(torch.tensor(metrics["val"]["loss"]))

@@ -250,3 +250,17 @@ def test_error_integer_tensors():
     x, weight = make_inputs(1, 8, 6, 6, 2, 3)
     with pytest.raises(ValueError, match="must be floating point, got torch.int64 and torch.int64"):
         involution(x.long(), weight.long(), 3)
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("impl", CPU_IMPLS)
+def test_empty_batch(impl, stride):
+    # As for a convolution: an all-unreadable batch (data.bad_images=skip) reaches the model empty.
+    x, weight = make_inputs(0, 8, 7, 5, 2, 3, stride)
+    out, grad_x, grad_w = forward_and_grads(impl, x, weight, 3, stride)
+    assert out.shape == (0, 8, *weight.shape[-2:]) and grad_x.shape == x.shape and grad_w.shape == weight.shape
+
+
+def test_error_zero_size_map():
+    with pytest.raises(ValueError, match=re.escape("x must have at least one channel and pixel, got shape (1, 8, 0, 6)")):
+        involution(torch.randn(1, 8, 0, 6), torch.randn(1, 2, 9, 0, 6), 3)

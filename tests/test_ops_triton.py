@@ -109,6 +109,10 @@ def test_channels_last_is_read_in_place_and_kept(s):
         torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5)
 
 
+def test_empty_batch():
+    assert_matches_unfold(*make_inputs(0, 8, 2, 7, 5, 3, 2, 1), 3, 2, 1)
+
+
 def test_backward_is_deterministic():
     x, weight = make_inputs(1, 12, 1, 13, 11, 3, 1, 1)
     first = forward_and_grads("triton", x, weight, 3, 1, 1)

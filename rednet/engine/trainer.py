@@ -220,7 +220,7 @@ class Trainer:
             with autocast(self.device, self.dtype):
                 logits = self.train_model(images)
                 loss = self.criterion(logits.float(), target)
-            if not self.loss_is_finite(loss):
+            if not self.keep_batch(loss, target.numel()):
                 continue
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(loss).backward()
@@ -271,17 +271,27 @@ class Trainer:
                           f"{self.ckpt_dir / 'last.pt'}; continue with resume=auto (or resume={self.ckpt_dir / 'last.pt'})",
                           self.stop_signal)
 
-    def loss_is_finite(self, loss: torch.Tensor) -> bool:
-        """Skips up to ``trainer.max_bad_steps`` batches with a NaN/inf loss, then stops the run.
+    def keep_batch(self, loss: torch.Tensor, batch_size: int) -> bool:
+        """Whether this batch makes an optimizer step.
 
+        A batch in which no image could be read (``data.bad_images=skip``) is skipped with a
+        warning. A NaN/inf loss skips up to ``trainer.max_bad_steps`` batches, then stops the run.
         The flags are summed over ranks, so every rank takes the same decision: DDP never waits on
         a rank that skipped, and a signal that reached one rank stops them all at the same step.
         """
-        flags = torch.tensor([0.0 if math.isfinite(float(loss.detach())) else 1.0,
+        empty = batch_size == 0
+        flags = torch.tensor([float(empty), 0.0 if empty or math.isfinite(float(loss.detach())) else 1.0,
                               0.0 if self.stop_signal is None else float(self.stop_signal)], device=self.device)
-        bad, stop = distributed.all_reduce_sum(flags, self.dist).tolist()
+        empty_ranks, bad, stop = distributed.all_reduce_sum(flags, self.dist).tolist()
         if stop and self.stop_signal is None:
             self.stop_signal = signal.SIGTERM
+        if empty_ranks:
+            # The mean loss of no sample is NaN; that is not the model diverging.
+            self.log(f"warning: no readable image in batch {self.batch_in_epoch + 1} of epoch {self.epoch + 1}"
+                     f"{' on ' + str(int(empty_ranks)) + ' rank(s)' if self.dist.world_size > 1 else ''}; "
+                     f"batch skipped")
+            self.batch_in_epoch += 1
+            return False
         if bad == 0:
             return True
         self.bad_steps += 1

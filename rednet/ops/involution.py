@@ -67,6 +67,8 @@ def check_args(x: torch.Tensor, weight: torch.Tensor, kernel_size: int, stride: 
     if weight.dim() != 5:
         raise ValueError(f"weight must be (B, G, K*K, Ho, Wo), got shape {tuple(weight.shape)}")
     b, c, h, w = x.shape
+    if 0 in (c, h, w):  # an empty batch (b == 0) is fine, as for a convolution
+        raise ValueError(f"x must have at least one channel and pixel, got shape {tuple(x.shape)}")
     groups = weight.shape[1]
     if groups < 1 or c % groups != 0:
         raise ValueError(f"{c} channels are not divisible into {groups} groups")
@@ -123,6 +125,8 @@ def new_weight_grad(weight: torch.Tensor) -> torch.Tensor:
 @torch.library.custom_op("rednet::involution", mutates_args=())
 def _involution_op(x: torch.Tensor, weight: torch.Tensor, kernel_size: int, stride: int, dilation: int,
                    impl: str) -> torch.Tensor:
+    if x.shape[0] == 0:  # an empty batch, which the chunked and tiled kernels need not handle
+        return new_output(x, (0, x.shape[1], *weight.shape[-2:]))
     # Autocast stays on inside a custom operator; the implementations choose their own precision.
     with torch.autocast(x.device.type, enabled=False):
         return _IMPLS[impl].forward(x, weight, kernel_size, stride, dilation)
@@ -139,8 +143,12 @@ def _(x, weight, kernel_size, stride, dilation, impl):
 def _involution_backward_op(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, kernel_size: int,
                             stride: int, dilation: int, impl: str, need_x: bool,
                             need_w: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    with torch.autocast(x.device.type, enabled=False):
-        grad_x, grad_w = _IMPLS[impl].backward(grad_out, x, weight, kernel_size, stride, dilation, need_x, need_w)
+    if x.shape[0] == 0:
+        grad_x, grad_w = new_output(x, x.shape), new_weight_grad(weight)
+    else:
+        with torch.autocast(x.device.type, enabled=False):
+            grad_x, grad_w = _IMPLS[impl].backward(grad_out, x, weight, kernel_size, stride, dilation, need_x,
+                                                   need_w)
     # A custom operator returns tensors, never None: an unneeded gradient is an empty tensor.
     return (grad_x if need_x else x.new_empty(0)), (grad_w if need_w else weight.new_empty(0))
 
