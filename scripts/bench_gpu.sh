@@ -24,6 +24,9 @@ fi
 if run ops; then
     $PY scripts/bench_involution.py --device cuda --shapes $STAGES --repeats 50 --warmup 5
     $PY scripts/bench_involution.py --device cuda --shapes $DOWN --stride 2 --repeats 50 --warmup 5
+    # channels_last: the kernels read it through its strides; compare with the NCHW bf16 rows.
+    $PY scripts/bench_involution.py --device cuda --shapes $STAGES --channels-last --dtypes bf16 \
+        --impls triton,unfold --repeats 50 --warmup 5
 fi
 if run models; then
     $PY scripts/bench_models.py --device cuda --amp --batch-size 64 128 --models $MODELS --repeats 20 --warmup 5

@@ -28,7 +28,8 @@ instead of using a hand-written kernel.
 row says so instead of running, and the others show no speed-up or error.
 
 Example: ``python scripts/bench_involution.py`` (CPU, the three RedNet stage shapes, K=7,
-16 channels per group) or ``python scripts/bench_involution.py --device cuda``.
+16 channels per group) or ``python scripts/bench_involution.py --device cuda``. ``--channels-last``
+gives the inputs the layout of a channels_last model's.
 """
 
 from __future__ import annotations
@@ -101,9 +102,13 @@ def bench(args) -> list[dict]:
             def random(*shape):
                 return torch.randn(*shape, generator=gen).to(device=device, dtype=dtype)
 
-            x = random(b, c, h, w).requires_grad_()
-            weight = random(b, groups, k * k, ho, wo).requires_grad_()
-            grad_out = random(b, c, ho, wo)
+            x, weight, grad_out = random(b, c, h, w), random(b, groups * k * k, ho, wo), random(b, c, ho, wo)
+            if args.channels_last:
+                # As in a channels_last model: the weight is a view of the kernel generator's
+                # channels_last conv output.
+                x, weight, grad_out = (t.contiguous(memory_format=torch.channels_last) for t in (x, weight, grad_out))
+            x = x.requires_grad_()
+            weight = weight.view(b, groups, k * k, ho, wo).requires_grad_()
             out_bytes = b * c * ho * wo * x.element_size()
             fits = unfold_bytes(b, c, ho, wo, k * k, x.element_size()) < 0.7 * available_bytes(device)
             reference = None
@@ -188,6 +193,8 @@ def main(argv=None) -> None:
     parser.add_argument("--kernel-size", type=int, default=7)
     parser.add_argument("--stride", type=int, default=1)
     parser.add_argument("--channels-per-group", type=int, default=16)
+    parser.add_argument("--channels-last", action="store_true",
+                        help="x, grad_out and the weight's generator output in channels_last (default NCHW)")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
@@ -209,8 +216,8 @@ def main(argv=None) -> None:
 
     print(f"device: {device_name(device)} ({device})")
     print(f"torch {torch.__version__}, torch threads: {torch.get_num_threads()}, K={args.kernel_size}, "
-          f"stride {args.stride}, {args.channels_per_group} channels per group, median of {args.repeats} "
-          f"after {args.warmup} warm-up")
+          f"stride {args.stride}, {args.channels_per_group} channels per group, "
+          f"{'channels_last' if args.channels_last else 'NCHW'}, median of {args.repeats} after {args.warmup} warm-up")
     if hasattr(os, "getloadavg") and device.type == "cpu":
         print("load average when starting: " + ", ".join(f"{v:.2f}" for v in os.getloadavg()))
     print()
