@@ -34,6 +34,10 @@ if run models; then
         --repeats 20 --warmup 5
     $PY scripts/bench_models.py --device cuda --amp --batch-size 64 --models rednet26 tv_resnet50 \
         --involution-impl unfold --repeats 10 --warmup 3
+    # PyTorch's own NCHW BatchNorm kernels (which bf16 gets) run one block per channel, so the
+    # kernel generators' 8-64-channel BatchNorms use few SMs; fp16 may get cuDNN's instead.
+    $PY scripts/bench_models.py --device cuda --amp fp16 --batch-size 128 --models rednet26 tv_resnet50 \
+        --repeats 20 --warmup 5 --profile
 fi
 if run compile; then
     $PY scripts/bench_models.py --device cuda --amp --channels-last --compile --batch-size 128 \

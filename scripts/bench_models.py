@@ -1,7 +1,7 @@
 """Training and inference throughput and peak memory of whole models, as a markdown table.
 
     python scripts/bench_models.py                       # CPU, 224 px, batch 8
-    python scripts/bench_models.py --device cuda --batch-size 64 128 --amp
+    python scripts/bench_models.py --device cuda --batch-size 64 128 --amp        # bf16; --amp fp16
 
 Every model runs in this one process, so the ratios against torchvision's ResNet-50 (``tv_resnet50``)
 compare like with like. A training step is forward, cross-entropy, backward and an SGD step;
@@ -26,6 +26,7 @@ from rednet.benchmark import environment, median_ms, peak_bytes
 from rednet.models import Involution, create_model
 
 REFERENCE = "tv_resnet50"
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def build(name: str, resolution: int, impl: str) -> nn.Module:
@@ -73,13 +74,16 @@ def measure(name: str, resolution: int, batch: int, args, device: torch.device) 
     # recompiled with symbolic shapes and Inductor
     # (torch 2.14) then failed to compile their backward.
     run = torch.compile(model, dynamic=False) if args.compile else model
-    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp)
+    amp = torch.autocast(device.type, dtype=AMP_DTYPES.get(args.amp, torch.float32), enabled=args.amp is not None)
+    # As in the trainer: float16 needs loss scaling, bfloat16 does not.
+    scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
 
     def train_step():
         with amp:
             loss = nn.functional.cross_entropy(run(x), y)
-        loss.backward()
-        optimizer.step()
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
         optimizer.zero_grad(set_to_none=True)
 
     model.train()
@@ -106,7 +110,8 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--amp", action="store_true", help="bf16 autocast")
+    parser.add_argument("--amp", nargs="?", const="bf16", choices=sorted(AMP_DTYPES),
+                        help="autocast, in bf16 (the default) or fp16 with loss scaling")
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--compile", action="store_true", help="torch.compile every model")
     parser.add_argument("--involution-impl", default="auto", help="the involution implementation RedNets use")
@@ -115,7 +120,7 @@ def main() -> None:
     device = torch.device(args.device)
     torch.manual_seed(0)
 
-    print(environment(device) + f"; amp={args.amp} channels_last={args.channels_last} compile={args.compile} "
+    print(environment(device) + f"; amp={args.amp or 'off'} channels_last={args.channels_last} compile={args.compile} "
           f"involution impl={args.involution_impl}\n")
     print("| model | res | batch | train img/s | × tv_resnet50 | infer img/s | × tv_resnet50 | train peak MiB | × tv_resnet50 |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
