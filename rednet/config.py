@@ -146,7 +146,7 @@ def validate(cfg: DictConfig | Any) -> None:
     nonneg = {"data.num_workers": cfg.data.num_workers, "trainer.label_smoothing": cfg.trainer.label_smoothing,
               "optim.weight_decay": cfg.optim.weight_decay, "sched.warmup_iters": cfg.sched.warmup_iters,
               "trainer.save_every_n_steps": cfg.trainer.save_every_n_steps,
-              "trainer.max_bad_steps": cfg.trainer.max_bad_steps, "model.drop_path_rate": cfg.model.drop_path_rate}
+              "trainer.max_bad_steps": cfg.trainer.max_bad_steps}
     for key, value in nonneg.items():
         if value < 0:
             raise ConfigError(f"{key}={value} must not be negative")
@@ -154,5 +154,37 @@ def validate(cfg: DictConfig | Any) -> None:
         raise ConfigError(f"trainer.label_smoothing={cfg.trainer.label_smoothing} must be in [0, 1)")
     if cfg.trainer.grad_clip is not None and cfg.trainer.grad_clip <= 0:
         raise ConfigError(f"trainer.grad_clip={cfg.trainer.grad_clip} must be positive, or null to turn it off")
-    if cfg.data.name == "fake" and not cfg.data.num_classes:
-        raise ConfigError("data=fake needs data.num_classes, e.g. data.num_classes=10")
+    if cfg.data.name == "fake" and not (cfg.data.num_classes or 0) >= 1:
+        raise ConfigError(f"data=fake needs data.num_classes of at least 1, e.g. data.num_classes=10 "
+                          f"(got {cfg.data.num_classes})")
+    optional_positive = {"optim.base_batch_size": cfg.optim.base_batch_size,
+                         "trainer.limit_train_batches": cfg.trainer.limit_train_batches,
+                         "trainer.limit_val_batches": cfg.trainer.limit_val_batches}
+    for key, value in optional_positive.items():
+        if value is not None and value < 1:
+            raise ConfigError(f"{key}={value} must be at least 1, or null to turn it off")
+    fractions = {"sched.warmup_ratio": (cfg.sched.warmup_ratio, "[0, 1]", 0 <= cfg.sched.warmup_ratio <= 1),
+                 "trainer.ema_decay": (cfg.trainer.ema_decay, "[0, 1)", 0 <= cfg.trainer.ema_decay < 1),
+                 "model.drop_path_rate": (cfg.model.drop_path_rate, "[0, 1)", 0 <= cfg.model.drop_path_rate < 1)}
+    for key, (value, interval, ok) in fractions.items():
+        if not ok:
+            raise ConfigError(f"{key}={value} must be in {interval}")
+    _validate_involution(cfg.model)
+
+
+def _validate_involution(m) -> None:
+    """The involution settings must fit every involution of the model, the narrowest being the stem's."""
+    from rednet.models.resnet import STEM_INVOLUTION_CHANNELS as width
+
+    if not m.name.startswith("rednet"):
+        return  # the ResNet baselines have no involution
+    if m.kernel_size < 1 or m.kernel_size % 2 == 0:
+        raise ConfigError(f"model.kernel_size={m.kernel_size} must be odd and positive (the involution's padding "
+                          f"is symmetric), e.g. 7")
+    divisors = [d for d in range(1, width + 1) if width % d == 0]
+    if m.group_channels not in divisors:
+        raise ConfigError(f"model.group_channels={m.group_channels} must divide the {width} channels of the stem's "
+                          f"involution; choose one of: {', '.join(map(str, divisors))}")
+    if not 1 <= m.reduction_ratio <= width:
+        raise ConfigError(f"model.reduction_ratio={m.reduction_ratio} leaves the stem's {width}-channel kernel "
+                          f"generator with no channels; choose one from 1 to {width}")

@@ -68,7 +68,26 @@ def test_unknown_key_and_wrong_type_fail_at_composition():
     ("model.name=rednet27", "model=rednet27 is not a model; choose one of: rednet18, rednet26"),
     ("data.name=mnist", "data.name=mnist is not valid; choose one of: cifar10, cifar100, imagenet, digits, fake"),
     ("trainer.label_smoothing=1.5", r"trainer.label_smoothing=1.5 must be in \[0, 1\)"),
+    ("model.kernel_size=6", "model.kernel_size=6 must be odd and positive"),
+    ("model.group_channels=24", "model.group_channels=24 must divide the 32 channels of the stem's involution; "
+                                "choose one of: 1, 2, 4, 8, 16, 32"),
+    ("model.reduction_ratio=1000", "model.reduction_ratio=1000 leaves the stem's 32-channel kernel generator"),
+    ("model.drop_path_rate=1.0", r"model.drop_path_rate=1.0 must be in \[0, 1\)"),
+    ("optim.base_batch_size=0", "optim.base_batch_size=0 must be at least 1, or null to turn it off"),
+    ("trainer.limit_train_batches=0", "trainer.limit_train_batches=0 must be at least 1"),
+    ("trainer.limit_val_batches=-1", "trainer.limit_val_batches=-1 must be at least 1"),
+    ("sched.warmup_ratio=-1", r"sched.warmup_ratio=-1.0 must be in \[0, 1\]"),
+    ("trainer.ema_decay=1.5", r"trainer.ema_decay=1.5 must be in \[0, 1\)"),
 ])
 def test_bad_values_are_rejected(override, message):
     with pytest.raises(ConfigError, match=message):
         validate(compose_config([override]))
+
+
+def test_involution_settings_are_not_checked_for_resnets():
+    validate(compose_config(["model=resnet26", "model.group_channels=24", "model.kernel_size=6"]))
+
+
+def test_fake_data_class_count_must_be_positive():
+    with pytest.raises(ConfigError, match=r"data=fake needs data.num_classes of at least 1, .*\(got -3\)"):
+        validate(compose_config(["data=fake", "data.num_classes=-3"]))

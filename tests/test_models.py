@@ -138,6 +138,19 @@ def test_create_model_errors():
         create_model("rednet26", groups=4)
     with pytest.raises(ValueError, match="32 channels are not divisible into groups of 24"):
         create_model("rednet26", group_channels=24)
+    with pytest.raises(ValueError, match="reduction_ratio=64 leaves 32 channels with no kernel-generator channels"):
+        create_model("rednet26", reduction_ratio=64)
+    with pytest.raises(ValueError, match=r"drop_path_rate must be in \[0, 1\), got 1.0"):
+        create_model("rednet26", drop_path_rate=1.0)
+    with pytest.raises(ValueError, match="num_classes must be at least 1, got 0"):
+        create_model("rednet18", num_classes=3).reset_classifier(0)
+
+
+def test_reset_classifier_keeps_dtype_and_device():
+    model = create_model("rednet18", num_classes=3, cifar_stem=True).double().eval()
+    model.reset_classifier(5)
+    assert model.head.fc.weight.dtype == torch.float64
+    assert model(torch.randn(1, 3, 16, 16, dtype=torch.float64)).shape == (1, 5)
 
 
 def test_load_weights_round_trip_and_ddp_prefix(tmp_path):

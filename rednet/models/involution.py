@@ -49,6 +49,9 @@ class Involution(nn.Module):
                              f"{group_channels}; choose a group_channels that divides {channels}")
         if kernel_size % 2 == 0:
             raise ValueError(f"Involution: kernel_size must be odd, got {kernel_size}")
+        if not 1 <= reduction_ratio <= channels:
+            raise ValueError(f"Involution: reduction_ratio={reduction_ratio} leaves {channels} channels with no "
+                             f"kernel-generator channels; choose one from 1 to {channels}")
         self.channels = channels
         self.kernel_size = kernel_size
         self.stride = stride

@@ -102,18 +102,24 @@ class Bottleneck(nn.Module):
         nn.init.zeros_(self.bn3.weight)
 
 
+# The stem's involution is the narrowest in every RedNet: group_channels and reduction_ratio
+# must fit it (rednet.config.validate checks this before a run builds anything).
+STEM_INVOLUTION_CHANNELS = 32
+
+
 def _stem(in_chans: int, involution: bool, cifar_stem: bool, group_channels: int, reduction_ratio: int) -> nn.Sequential:
     """RedNet: conv3x3/2 -> involution3x3 -> BN -> ReLU -> conv3x3, 64 channels out.
     ResNet: torchvision's conv7x7/2 (so resnet50 is torchvision's resnet50 parameter for parameter).
     The CIFAR variant keeps the module names but does not downsample, and uses a 3x3 conv."""
     stride = 1 if cifar_stem else 2
     if involution:
+        width = STEM_INVOLUTION_CHANNELS
         return nn.Sequential(
-            ConvNormAct(in_chans, 32, 3, stride),
-            Involution(32, 3, 1, group_channels, reduction_ratio),
-            nn.BatchNorm2d(32),
+            ConvNormAct(in_chans, width, 3, stride),
+            Involution(width, 3, 1, group_channels, reduction_ratio),
+            nn.BatchNorm2d(width),
             nn.ReLU(inplace=True),
-            ConvNormAct(32, 64, 3),
+            ConvNormAct(width, 64, 3),
         )
     return nn.Sequential(ConvNormAct(in_chans, 64, 3 if cifar_stem else 7, stride))
 
@@ -166,6 +172,8 @@ class ResNet(nn.Module):
         super().__init__()
         if num_classes < 1:
             raise ValueError(f"num_classes must be at least 1, got {num_classes}")
+        if not 0 <= drop_path_rate < 1:
+            raise ValueError(f"drop_path_rate must be in [0, 1), got {drop_path_rate}")
         self.num_classes = num_classes
         self.backbone = Backbone(block, layers, in_chans, involution, cifar_stem, kernel_size, group_channels,
                                  reduction_ratio, drop_path_rate)
@@ -190,8 +198,11 @@ class ResNet(nn.Module):
 
     def reset_classifier(self, num_classes: int) -> None:
         """Replaces ``head.fc`` with a fresh one, for fine-tuning on another label set."""
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be at least 1, got {num_classes}")
+        old = self.head.fc.weight
         self.num_classes = num_classes
-        self.head = Head(self.backbone.out_channels, num_classes)
+        self.head = Head(self.backbone.out_channels, num_classes).to(device=old.device, dtype=old.dtype)
 
 
 def _build(block, layers, involution, **kwargs) -> ResNet:
