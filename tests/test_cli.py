@@ -53,13 +53,16 @@ def test_truncated_checkpoint(tmp_path):
     torch.save({"model": {"w": torch.randn(1000)}}, tmp_path / "full.pt")
     (tmp_path / "cut.pt").write_bytes((tmp_path / "full.pt").read_bytes()[:1500])
     result = run_cli("eval.py", f"ckpt={tmp_path}/cut.pt", f"hydra.run.dir={tmp_path}/eval")
-    assert_one_line_error(result, "cut.pt", "truncated or corrupt")
+    assert_one_line_error(result, "cut.pt", "truncated, corrupt or not a PyTorch file", "use another copy")
+    (tmp_path / "cut.prev.pt").write_bytes((tmp_path / "full.pt").read_bytes())
+    result = run_cli("eval.py", f"ckpt={tmp_path}/cut.pt", f"hydra.run.dir={tmp_path}/eval")
+    assert_one_line_error(result, "cut.pt", f"the previous checkpoint is {tmp_path}/cut.prev.pt")
 
 
 def test_not_a_checkpoint(tmp_path):
     (tmp_path / "notes.pt").write_text("hello")
     result = run_cli("eval.py", f"ckpt={tmp_path}/notes.pt", f"hydra.run.dir={tmp_path}/eval")
-    assert_one_line_error(result, "notes.pt", "truncated or corrupt")
+    assert_one_line_error(result, "notes.pt", "corrupt or not a PyTorch file")
     torch.save([1, 2, 3], tmp_path / "list.pt")
     result = run_cli("eval.py", f"ckpt={tmp_path}/list.pt", f"hydra.run.dir={tmp_path}/eval")
     assert_one_line_error(result, "list.pt", "is not a checkpoint")

@@ -69,6 +69,25 @@ def test_full_disk_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]  # no temporary file left behind
 
 
+def test_full_disk_inside_torch_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    save_checkpoint({"epoch": 1}, path)
+
+    def disk_full(obj, f):  # what torch.save's zip writer raises when the disk fills up
+        f.write(b"partial bytes")
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        except OSError:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 1236 vs 1132") from None
+
+    monkeypatch.setattr(ckpt_io.torch, "save", disk_full)
+    with pytest.raises(CheckpointError, match="could not write checkpoint .*last.pt: No space left on device; "
+                                              "the previous checkpoint there is intact"):
+        save_checkpoint({"epoch": 2}, path)
+    assert read_checkpoint(path)["epoch"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]
+
+
 def test_atomic_save_keeps_the_previous_as_prev(tmp_path):
     path = tmp_path / "last.pt"
     save_checkpoint({"epoch": 1}, path)

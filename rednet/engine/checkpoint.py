@@ -59,11 +59,20 @@ def save_checkpoint(obj: dict[str, Any], path: str | Path, keep_previous: bool =
             os.replace(prev_tmp, prev)
         os.replace(tmp, path)
         _fsync_dir(path.parent)
-    except OSError as e:
+    except (OSError, RuntimeError) as e:
+        # torch.save reports a failed write (a full disk) as a RuntimeError of its zip writer,
+        # raised while handling the OSError that says why.
         tmp.unlink(missing_ok=True)
-        raise CheckpointError(f"could not write checkpoint {path}: {e.strerror or e}; "
+        cause = e if isinstance(e, OSError) else e.__context__
+        reason = cause.strerror if isinstance(cause, OSError) and cause.strerror else str(e).splitlines()[0]
+        raise CheckpointError(f"could not write checkpoint {path}: {reason}; "
                               f"the previous checkpoint there is intact") from e
     return path
+
+
+def _other_copy(path: Path) -> str:
+    prev = previous_path(path)
+    return f"; the previous checkpoint is {prev}" if prev.is_file() else "; use another copy"
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -78,12 +87,11 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
             raise CheckpointError(
                 f"checkpoint {path} contains Python objects other than tensors and plain containers; refusing "
                 f"to load it because unpickling them could run code. Re-save it as a plain state_dict") from None
-        raise CheckpointError(f"checkpoint {path} is corrupt ({e}); use another copy, e.g. "
-                              f"{previous_path(path).name}") from None
+        raise CheckpointError(f"checkpoint {path} is corrupt or not a PyTorch file ({e}){_other_copy(path)}") from None
     except Exception as e:  # anything else the unpickler meets in a damaged file: EOFError, KeyError, ...
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise CheckpointError(f"checkpoint {path} is truncated or corrupt ({reason}); use another copy, "
-                              f"e.g. {previous_path(path).name}") from None
+        reason = f"{type(e).__name__}: {str(e).splitlines()[0]}" if str(e) else type(e).__name__
+        raise CheckpointError(f"checkpoint {path} is truncated, corrupt or not a PyTorch file "
+                              f"({reason}){_other_copy(path)}") from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path} is not a checkpoint: it holds a {type(obj).__name__}, not a dict")
     return obj
