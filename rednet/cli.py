@@ -56,15 +56,25 @@ def preflight(config_name: str, argv: list[str]) -> None:
     from hydra import compose, initialize_config_dir
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
+    def values(override) -> list[str] | None:
+        """A sweep's values; None for those only Hydra can expand (``glob()`` lists a config group
+        through its config loader, ``interval()`` is for other sweepers). Hydra then expands them
+        and each job validates its own config."""
+        try:
+            return list(override.sweep_string_iterator())
+        except Exception:  # noqa: BLE001  (Hydra raises plain exceptions for these)
+            return None
+
     args = [a for a in argv if not a.startswith("-")]
     try:
-        parsed = OverridesParser.create().parse_overrides(args)
+        parsed = [o for o in OverridesParser.create().parse_overrides(args)
+                  if not o.is_sweep_override() or values(o) is not None]
         first = [o.input_line if not o.is_sweep_override() else
-                 f"{o.get_key_element()}={next(iter(o.sweep_string_iterator()))}" for o in parsed]
+                 f"{o.get_key_element()}={values(o)[0]}" for o in parsed]
         variants = [first]
         for i, o in enumerate(parsed):
             if o.is_sweep_override():
-                for value in list(o.sweep_string_iterator())[1:]:
+                for value in values(o)[1:]:
                     variants.append(first[:i] + [f"{o.get_key_element()}={value}"] + first[i + 1:])
         with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
             for overrides in variants:
@@ -131,6 +141,9 @@ def _evaluate(cfg: DictConfig) -> None:
     from rednet.engine.checkpoint import read_checkpoint
     from rednet.engine.evaluate import evaluate_checkpoint
 
+    if not cfg.ckpt:
+        raise ConfigError("eval.py needs a checkpoint: ckpt=path/to/best.pt (ours, or an official mmcls file "
+                          "with model=...)")
     ckpt = read_checkpoint(cfg.ckpt)  # once: it can be hundreds of MB
     cfg = config_for_checkpoint(cfg, ckpt.get("config"), HydraConfig.get().overrides.task)
     validate(cfg)
@@ -139,10 +152,13 @@ def _evaluate(cfg: DictConfig) -> None:
 
 
 def config_for_checkpoint(cfg: DictConfig, saved: dict | None, overrides: list[str]) -> DictConfig:
-    """The checkpoint's own config, with what the command line names on top of it.
+    """eval.py's config: the checkpoint's model and data, with what the command line names on top.
 
-    ``data=imagenet`` replaces the whole data group; ``data.root=...`` replaces one key. A file
-    without a config (an official mmcls release) needs ``model=`` on the command line.
+    ``data=imagenet`` replaces the whole data group; ``data.root=...`` replaces one key. Everything
+    else (``trainer.*``: device, precision, batch limits, strategy) is eval.py's own, never the
+    training run's: a run trained with ``trainer.limit_val_batches=2`` is still evaluated on the
+    whole validation set. A file without a config (an official mmcls release) needs ``model=`` on
+    the command line.
     """
     keys = [o.split("=", 1)[0].lstrip("+~") for o in overrides]
     if saved is None:
@@ -150,15 +166,14 @@ def config_for_checkpoint(cfg: DictConfig, saved: dict | None, overrides: list[s
             raise ConfigError(f"{cfg.ckpt} carries no config (an official or weights-only file); name the model "
                               f"and data, e.g. model=rednet26 data=imagenet data.root=path/to/imagenet")
         return cfg
-    merged = OmegaConf.merge(OmegaConf.structured(TrainConfig), saved)
-    for key in keys:
-        if key in GROUPS and key != "experiment":
-            merged[key] = cfg[key]
-    for key in keys:
-        if "." in key and not key.startswith("hydra."):
+    trained = OmegaConf.merge(OmegaConf.structured(TrainConfig), saved)
+    merged = cfg.copy()
+    for group in ("model", "data"):
+        if group not in keys:
+            merged[group] = trained[group]
+    for key in keys:  # the command line's single keys of those groups, on top of the checkpoint's
+        if key.split(".")[0] in ("model", "data") and "." in key:
             OmegaConf.update(merged, key, OmegaConf.select(cfg, key), merge=False)
-    merged.ckpt = cfg.ckpt
-    merged.resume = None
     merged.model.pretrained = None  # the checkpoint holds the weights
     return merged
 

@@ -68,6 +68,11 @@ def test_not_a_checkpoint(tmp_path):
     assert_one_line_error(result, "list.pt", "is not a checkpoint")
 
 
+def test_eval_without_a_checkpoint(tmp_path):
+    result = run_cli("eval.py", f"hydra.run.dir={tmp_path}/eval")
+    assert_one_line_error(result, "eval.py needs a checkpoint: ckpt=path/to/best.pt")
+
+
 def test_missing_checkpoint(tmp_path):
     result = run_cli("eval.py", f"ckpt={tmp_path}/nope.pt", f"hydra.run.dir={tmp_path}/eval")
     assert_one_line_error(result, "nope.pt does not exist")
@@ -102,3 +107,12 @@ def test_global_batch_must_divide_across_ranks(tmp_path):
     assert_one_line_error(result, "data.batch_size=64 (the global batch) does not divide across 3 processes")
     result = run_cli("train.py", "data=digits", f"hydra.run.dir={tmp_path}/run", env=env)
     assert_one_line_error(result, "launched as 3 processes (torchrun) but trainer.strategy=single; add trainer=ddp")
+
+
+def test_glob_sweep_is_left_to_hydra(tmp_path):
+    # glob() needs Hydra's config loader to expand, so the preflight cannot enumerate it.
+    result = run_cli("train.py", "-m", "model=glob(resnet1*)", "data=digits", "trainer.max_epochs=1",
+                     "trainer.limit_train_batches=1", "trainer.limit_val_batches=1", "trainer.progress=none",
+                     f"hydra.sweep.dir={tmp_path}/sweep", "hydra.sweep.subdir=${hydra.job.num}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (tmp_path / "sweep/0/metrics.json").is_file() and not (tmp_path / "sweep/1").exists()

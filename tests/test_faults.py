@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -147,3 +148,35 @@ def test_empty_batch_is_skipped_not_counted_as_non_finite(tmp_path, caplog):
     assert metrics["epoch"] == 2 and metrics["step"] == 10  # one batch per epoch skipped
     assert "warning: no readable image in batch 3 of epoch 1; batch skipped" in caplog.text
     assert torch.isfinite(torch.tensor(metrics["train"]["loss"])) and torch.isfinite(torch.tensor(metrics["val"]["loss"]))
+
+
+def test_resume_refuses_another_model_or_optimizer(tmp_path):
+    Trainer(compose_config(FAST + RUN + ["trainer.max_epochs=1"]), tmp_path / "run").fit()
+    last = tmp_path / "run/checkpoints/last.pt"
+    for override, message in [("model=resnet18", "was trained with model=rednet18, not model=resnet18"),
+                              ("optim=adamw", "was trained with optim=sgd, not optim=adamw; resume with optim=sgd")]:
+        with pytest.raises(CheckpointError, match=message):
+            Trainer(compose_config(FAST + RUN + [override, f"resume={last}"]), tmp_path / "again")
+
+
+def test_resume_auto_reads_the_config_of_runs_without_a_hydra_folder(tmp_path, monkeypatch):
+    from rednet.engine.trainer import find_last_checkpoint
+
+    monkeypatch.chdir(tmp_path)
+    for run, model in [("old", "rednet18"), ("new", "rednet26")]:  # "new" is written last
+        save_checkpoint({"config": {"model": {"name": model}, "data": {"name": "digits"}}},
+                        tmp_path / "outputs" / run / "checkpoints" / "last.pt")
+    assert find_last_checkpoint(compose_config(RUN)) == Path("outputs/old/checkpoints/last.pt")
+    with pytest.raises(CheckpointError, match="resume=auto found no checkpoints/last.pt of model=resnet18"):
+        find_last_checkpoint(compose_config(RUN + ["model=resnet18"]))
+
+
+def test_an_epoch_with_every_batch_skipped_says_so(tmp_path, caplog):
+    trainer = Trainer(compose_config(FAST + RUN + ["trainer.max_bad_steps=100"]), tmp_path / "run")
+    nan_on_calls(trainer, set(range(7, 13)))  # all of epoch 2
+    with caplog.at_level("INFO"):
+        metrics = trainer.fit()
+    assert metrics["step"] == 6 and metrics["train"]["loss"] is None
+    assert "epoch 2/2: train: every batch skipped" in caplog.text
+    assert "non-finite loss in batch 6 of epoch 2, batch skipped (6/100)" in caplog.text
+    json.loads((tmp_path / "run/metrics.json").read_text())  # strict JSON: no NaN

@@ -2,6 +2,7 @@
 
 import csv
 import json
+import os
 
 import pytest
 import torch
@@ -69,6 +70,14 @@ def test_imagefolder_of_jpegs_trains(tmp_path):
     assert ckpt["class_names"] == ["cat", "dog", "fox"]
     assert ckpt["model"]["head.fc.weight"].shape == (3, 512)  # num_classes comes from the data
 
+    # The same number of classes under other names: output 2 means "fox", whatever the folder says.
+    for split in ("train", "val"):
+        os.rename(os.path.join(root, split, "fox"), os.path.join(root, split, "aardvark"))
+    result = run_cli("eval.py", f"ckpt={run}/checkpoints/best.pt", f"hydra.run.dir={tmp_path}/eval")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "was trained on other classes than data=imagenet has: class 0 is 'cat' there and 'aardvark' here" \
+        in result.stderr
+
 
 def test_resume_continues_exactly(tmp_path):
     # A schedule that does not depend on max_epochs, so that 2 epochs + resume to 4 is the same
@@ -93,7 +102,9 @@ def test_eval_reproduces_training_top1_and_writes_report(tmp_path):
     run = train(tmp_path, ["data=digits", "trainer.max_epochs=1"])
     reported = json.loads((run / "metrics.json").read_text())["val"]
     out = tmp_path / "eval"
-    result = run_cli("eval.py", f"ckpt={run}/checkpoints/best.pt", f"hydra.run.dir={out}")
+    # The run validated on 2 batches; eval.py takes only the model and data from the checkpoint,
+    # so it needs the same limit to see the same 64 images.
+    result = run_cli("eval.py", f"ckpt={run}/checkpoints/best.pt", "trainer.limit_val_batches=2", f"hydra.run.dir={out}")
     assert result.returncode == 0, result.stderr
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["acc1"] == reported["acc1"] and metrics["acc5"] == reported["acc5"]
@@ -109,6 +120,10 @@ def test_eval_reproduces_training_top1_and_writes_report(tmp_path):
     assert Image.open(out / "confusion_matrix.png").size[0] > 500
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
     assert "top-1" in result.stdout and "| 0 |" in result.stdout
+
+    whole = run_cli("eval.py", f"ckpt={run}/checkpoints/best.pt", f"hydra.run.dir={tmp_path}/eval_all")
+    assert whole.returncode == 0, whole.stderr
+    assert json.loads((tmp_path / "eval_all/metrics.json").read_text())["count"] == 360  # digits' whole test split
 
 
 def test_eval_official_mmcls_checkpoint_with_overrides(tmp_path):

@@ -77,6 +77,21 @@ def format_report(result: EvalResult, title: str, worst: int = 10) -> str:
     return "\n".join(lines)
 
 
+def check_class_names(trained: list[str] | None, data: list[str], what: str, where: str) -> None:
+    """A model's output i means the class it was trained on as class i: with other names, or the
+    same names in another order, every label would be silently wrong. Official mmcls checkpoints
+    carry no names and are not checked."""
+    from rednet.errors import CheckpointError
+
+    if trained is None or list(trained) == data:
+        return
+    if len(trained) != len(data):
+        return  # the class-count check gives the clearer message
+    i = next(i for i, (a, b) in enumerate(zip(trained, data)) if a != b)
+    raise CheckpointError(f"{what} was trained on other classes than {where} has: class {i} is {trained[i]!r} there "
+                          f"and {data[i]!r} here; use data with the class folders it was trained on")
+
+
 def evaluate_checkpoint(cfg, ckpt: dict, run_dir: str | Path) -> EvalResult:
     """``eval.py``: evaluates ``ckpt`` (the contents of ``cfg.ckpt``) on ``cfg.data``'s validation
     split and writes the report (metrics.json, confusion_matrix.csv/.png, TensorBoard events) into
@@ -99,6 +114,8 @@ def evaluate_checkpoint(cfg, ckpt: dict, run_dir: str | Path) -> EvalResult:
     if head is not None and head.shape[0] != data.num_classes:
         raise CheckpointError(f"checkpoint {cfg.ckpt} has {head.shape[0]} classes but data={cfg.data.name} has "
                               f"{data.num_classes}; evaluate it on data with the same classes")
+    check_class_names(ckpt.get("class_names"), list(data.class_names), f"checkpoint {cfg.ckpt}",
+                      f"data={cfg.data.name}")
     model = build_model(cfg.model, data.num_classes, data.in_chans, data.image_size)
     load_weights(model, ckpt)
     model.to(device)

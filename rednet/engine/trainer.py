@@ -29,7 +29,7 @@ from rednet.data import build_datamodule
 from rednet.engine import distributed
 from rednet.engine.checkpoint import read_checkpoint, save_checkpoint
 from rednet.engine.ema import ModelEma
-from rednet.engine.evaluate import EvalResult, evaluate
+from rednet.engine.evaluate import EvalResult, check_class_names, evaluate
 from rednet.engine.optim import build_optimizer, build_scheduler
 from rednet.engine.precision import autocast, make_scaler, resolve_device, resolve_precision
 from rednet.errors import CheckpointError, ConfigError, UserError
@@ -81,22 +81,31 @@ def set_rng_state(state: dict) -> None:
 
 
 def find_last_checkpoint(cfg: DictConfig, roots=("outputs", "multirun")) -> Path:
-    """The newest ``checkpoints/last.pt`` of a run with the same model and data."""
-    candidates = []
-    for root in roots:
-        for path in Path(root).glob("**/checkpoints/last.pt"):
-            saved = path.parent.parent / ".hydra" / "config.yaml"
-            if saved.is_file():
-                other = OmegaConf.load(saved)
-                if OmegaConf.select(other, "model.name") != cfg.model.name or \
-                        OmegaConf.select(other, "data.name") != cfg.data.name:
-                    continue
-            candidates.append(path)
-    if not candidates:
-        raise CheckpointError(f"resume=auto found no checkpoints/last.pt of model={cfg.model.name} "
-                              f"data={cfg.data.name} under {' or '.join(roots)}/; start without resume, "
-                              f"or pass resume=path/to/last.pt")
-    return max(candidates, key=lambda p: p.stat().st_mtime)
+    """The newest ``checkpoints/last.pt`` of a run with the same model and data.
+
+    A run's ``.hydra/config.yaml`` says what it trained; a run without one (``hydra.output_subdir=null``)
+    is asked through the config inside its checkpoint, newest first, which means reading it.
+    """
+    def same_run(other) -> bool:
+        return OmegaConf.select(other, "model.name") == cfg.model.name and \
+            OmegaConf.select(other, "data.name") == cfg.data.name
+
+    paths = sorted((p for root in roots for p in Path(root).glob("**/checkpoints/last.pt")),
+                   key=lambda p: p.stat().st_mtime, reverse=True)
+    for path in paths:
+        saved = path.parent.parent / ".hydra" / "config.yaml"
+        if saved.is_file():
+            if same_run(OmegaConf.load(saved)):
+                return path
+            continue
+        try:
+            if same_run(OmegaConf.create(read_checkpoint(path).get("config") or {})):
+                return path
+        except CheckpointError:
+            continue  # a damaged file is not a run to resume
+    raise CheckpointError(f"resume=auto found no checkpoints/last.pt of model={cfg.model.name} "
+                          f"data={cfg.data.name} under {' or '.join(roots)}/; start without resume, "
+                          f"or pass resume=path/to/last.pt")
 
 
 class Trainer:
@@ -207,12 +216,13 @@ class Trainer:
             set_rng_state(self.pending_rng)
             self.pending_rng = None
         loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
-        correct = seen = 0
+        correct = seen = fetched = 0
         start = time.perf_counter()
         bar = tqdm(total=self.steps_per_epoch, initial=self.batch_in_epoch, desc=f"epoch {self.epoch + 1}/{t.max_epochs}",
                    disable=not self.show_progress, dynamic_ncols=True, leave=False)
         while self.batch_in_epoch < self.steps_per_epoch:
             images, target = next(batches)
+            fetched += 1
             images = images.to(self.device, non_blocking=True)
             if t.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
@@ -254,10 +264,11 @@ class Trainer:
             if self.stop_signal is not None:
                 self.stop()
         bar.close()
-        if seen == 0:  # resumed from a checkpoint taken between training and validation
-            return self.metrics.get("train", {"loss": float("nan"), "acc1": float("nan"), "images_per_s": 0.0,
-                                              "epoch_time_s": 0.0})
+        if fetched == 0:  # resumed from a checkpoint taken between training and validation
+            return self.metrics.get("train", {"loss": None, "acc1": None, "images_per_s": 0.0, "epoch_time_s": 0.0})
         elapsed = time.perf_counter() - start
+        if seen == 0:  # every batch was skipped (non-finite losses, unreadable images)
+            return {"loss": None, "acc1": None, "images_per_s": 0.0, "epoch_time_s": elapsed}
         totals = torch.tensor([float(loss_sum), correct, seen], dtype=torch.float64, device=self.device)
         totals = distributed.all_reduce_sum(totals, self.dist).cpu()
         return {"loss": float(totals[0] / totals[2]), "acc1": float(totals[1] / totals[2]),
@@ -301,8 +312,8 @@ class Trainer:
             raise NonFiniteLossError(
                 f"loss is {float(loss.detach())} at step {self.step + 1} (epoch {self.epoch + 1}); {good}; lower optim.lr, "
                 f"set trainer.grad_clip, or skip bad batches with trainer.max_bad_steps=N")
-        self.log(f"warning: non-finite loss at step {self.step + 1}, batch skipped "
-                 f"({self.bad_steps}/{self.cfg.trainer.max_bad_steps})")
+        self.log(f"warning: non-finite loss in batch {self.batch_in_epoch + 1} of epoch {self.epoch + 1}, "
+                 f"batch skipped ({self.bad_steps}/{self.cfg.trainer.max_bad_steps})")
         self.batch_in_epoch += 1
         return False
 
@@ -330,8 +341,9 @@ class Trainer:
         if self.ema is not None:
             self.metrics["val_ema"] = self.ema_result.as_dict()
             ema = f" | ema acc1 {self.ema_result.acc1:.4f}"
-        self.log(f"epoch {self.epoch}/{self.cfg.trainer.max_epochs}: train loss {train['loss']:.4f} "
-                 f"acc1 {train['acc1']:.4f} ({train['images_per_s']:.0f} img/s) | val loss {val.loss:.4f} "
+        trained = (f"train loss {train['loss']:.4f} acc1 {train['acc1']:.4f} ({train['images_per_s']:.0f} img/s)"
+                   if train["loss"] is not None else "train: every batch skipped")
+        self.log(f"epoch {self.epoch}/{self.cfg.trainer.max_epochs}: {trained} | val loss {val.loss:.4f} "
                  f"acc1 {val.acc1:.4f} acc5 {val.acc5:.4f}{ema}")
         if self.writer:
             w = self.writer
@@ -401,11 +413,18 @@ class Trainer:
         if missing:
             raise CheckpointError(f"{path} cannot resume training: it lacks {', '.join(missing)} "
                                   f"(weights-only files go in model.pretrained=...)")
+        trained = ckpt.get("config") or {}
+        for group in ("model", "optim"):
+            name = (trained.get(group) or {}).get("name")
+            if name is not None and name != self.cfg[group].name:
+                raise CheckpointError(f"{path} was trained with {group}={name}, not {group}={self.cfg[group].name}; "
+                                      f"resume with {group}={name}, or start a new run")
+        check_class_names(ckpt.get("class_names"), self.class_names, str(path), f"data={self.cfg.data.name}")
         load_weights(self.model, ckpt["model"])
         try:
             self.optimizer.load_state_dict(ckpt["optimizer"])
-        except ValueError as e:
-            raise CheckpointError(f"{path}: its optimizer state does not fit optim={self.cfg.optim.name} ({e}); "
+        except (ValueError, KeyError) as e:
+            raise CheckpointError(f"{path}: its optimizer state does not fit optim={self.cfg.optim.name} ({e!r}); "
                                   f"resume with the optim settings it was trained with") from None
         self.scheduler.load_state_dict(ckpt["scheduler"])
         self.scaler.load_state_dict(ckpt["scaler"])
