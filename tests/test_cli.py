@@ -91,7 +91,8 @@ def test_checkpoint_of_another_model_and_class_count(tmp_path):
     torch.save({"state_dict": state}, tmp_path / "r50.pth")
     result = run_cli("eval.py", f"ckpt={tmp_path}/r50.pth", "model=rednet26", "data=digits",
                      f"hydra.run.dir={tmp_path}/eval")
-    assert_one_line_error(result, "do not fit", "unexpected: backbone.layer1.1", "different model")
+    assert_one_line_error(result, f"weights in {tmp_path}/r50.pth do not fit", "unexpected: backbone.layer1.1",
+                          "different model")
     state = create_model("rednet26", num_classes=1000).state_dict()
     torch.save({"state_dict": state}, tmp_path / "r26.pth")
     result = run_cli("eval.py", f"ckpt={tmp_path}/r26.pth", "model=rednet26", "data=digits",

@@ -117,7 +117,7 @@ def evaluate_checkpoint(cfg, ckpt: dict, run_dir: str | Path) -> EvalResult:
     check_class_names(ckpt.get("class_names"), list(data.class_names), f"checkpoint {cfg.ckpt}",
                       f"data={cfg.data.name}")
     model = build_model(cfg.model, data.num_classes, data.in_chans, data.image_size)
-    load_weights(model, ckpt)
+    load_weights(model, ckpt, name=str(cfg.ckpt))
     model.to(device)
     if t.channels_last:
         model.to(memory_format=torch.channels_last)

@@ -420,7 +420,7 @@ class Trainer:
                 raise CheckpointError(f"{path} was trained with {group}={name}, not {group}={self.cfg[group].name}; "
                                       f"resume with {group}={name}, or start a new run")
         check_class_names(ckpt.get("class_names"), self.class_names, str(path), f"data={self.cfg.data.name}")
-        load_weights(self.model, ckpt["model"])
+        load_weights(self.model, ckpt["model"], name=str(path))
         try:
             self.optimizer.load_state_dict(ckpt["optimizer"])
         except (ValueError, KeyError) as e:

@@ -33,7 +33,7 @@ def _first(keys: list[str], n: int = 3) -> str:
 
 
 def load_weights(model: nn.Module, src: str | Path | Mapping, strict: bool = True,
-                 drop_head: bool = False) -> nn.Module:
+                 drop_head: bool = False, name: str | None = None) -> nn.Module:
     """Loads weights from a path or a dict into ``model`` and returns it.
 
     ``src`` may be one of our checkpoints, an official mmcls checkpoint (``{'meta', 'state_dict'}``
@@ -44,7 +44,8 @@ def load_weights(model: nn.Module, src: str | Path | Mapping, strict: bool = Tru
     ignored and the model keeps its freshly initialised classifier.
 
     Raises :class:`~rednet.errors.CheckpointError` listing missing, unexpected and mis-shaped keys
-    when the weights do not fit (with ``strict=False`` only mis-shaped keys are an error).
+    when the weights do not fit (with ``strict=False`` only mis-shaped keys are an error). ``name``
+    says where a dict came from (its file), for that message.
     """
     obj = read_checkpoint(src) if isinstance(src, (str, Path)) else src
     state = dict(state_dict_of(obj))
@@ -63,10 +64,11 @@ def load_weights(model: nn.Module, src: str | Path | Mapping, strict: bool = Tru
     if strict and unexpected:
         problems.append(f"{len(unexpected)} unexpected: {_first(unexpected)}")
     if problems:
-        hint = ("; the class count differs, pass drop_head=True to fine-tune"
+        hint = ("; the class count differs: to fine-tune, drop its classifier (drop_head=True, or "
+                "model.drop_head=true on the command line)"
                 if all(m.startswith(HEAD_PREFIX) for m in misshaped) and misshaped and not missing else
                 "; the checkpoint is for a different model")
-        name = f"{src}" if isinstance(src, (str, Path)) else "the given state_dict"
+        name = name or (f"{src}" if isinstance(src, (str, Path)) else "the given state_dict")
         raise CheckpointError(f"weights in {name} do not fit {type(model).__name__}: " + "; ".join(problems) + hint)
     model.load_state_dict(state, strict=False)
     return model
