@@ -169,6 +169,13 @@ def validate(cfg: DictConfig | Any) -> None:
     for key, (value, interval, ok) in fractions.items():
         if not ok:
             raise ConfigError(f"{key}={value} must be in {interval}")
+    if cfg.sched.min_lr < 0:
+        raise ConfigError(f"sched.min_lr={cfg.sched.min_lr} must not be negative")
+    if not 0 < cfg.sched.gamma <= 1:
+        raise ConfigError(f"sched.gamma={cfg.sched.gamma} must be in (0, 1]: the factor the lr is multiplied by "
+                          f"at every milestone")
+    if list(cfg.sched.milestones) != sorted(set(cfg.sched.milestones)):
+        raise ConfigError(f"sched.milestones={list(cfg.sched.milestones)} must be increasing epochs, e.g. [30, 60, 80]")
     _validate_involution(cfg.model)
 
 

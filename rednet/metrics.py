@@ -6,9 +6,26 @@ Everything is computed from counts, so results from several processes add up exa
 from __future__ import annotations
 
 import csv
+import json
+import math
 from pathlib import Path
 
 import torch
+
+
+def to_json(obj) -> str:
+    """``obj`` as strict JSON: a NaN or infinite number (a diverged loss) becomes null, which every
+    JSON parser reads, where Python's default NaN is not JSON at all."""
+    def clean(v):
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [clean(x) for x in v]
+        return v
+
+    return json.dumps(clean(obj), indent=2, allow_nan=False)
 
 
 def topk_correct(logits: torch.Tensor, target: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> list[int]:

@@ -17,13 +17,17 @@ and ``--profile`` prints, per model, where a training step spends its time, by o
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
 import torch
 import torchvision
 from torch import nn
 
-from rednet.benchmark import environment, median_ms, peak_bytes
-from rednet.models import Involution, create_model
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's rednet
+
+from rednet.benchmark import environment, median_ms, peak_bytes  # noqa: E402
+from rednet.models import Involution, create_model, list_models  # noqa: E402
 
 REFERENCE = "tv_resnet50"
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -117,6 +121,11 @@ def main() -> None:
     parser.add_argument("--involution-impl", default="auto", help="the involution implementation RedNets use")
     parser.add_argument("--profile", action="store_true", help="print where a training step spends its time")
     args = parser.parse_args()
+    unknown = [m for m in args.models if m != REFERENCE and m not in list_models()]
+    if unknown:
+        parser.error(f"unknown models {unknown}; choose from {list_models() + [REFERENCE]}")
+    if min(args.batch_size + args.resolutions + [args.repeats]) < 1:
+        parser.error("--batch-size, --resolutions and --repeats must be at least 1")
     device = torch.device(args.device)
     torch.manual_seed(0)
 

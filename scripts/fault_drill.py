@@ -17,6 +17,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -104,12 +105,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--workdir", type=Path, default=ROOT / "outputs" / "fault_drill")
-    parser.add_argument("--keep", action="store_true", help="keep the drills' run folders")
+    parser.add_argument("--workdir", type=Path, default=None,
+                        help="a new or empty folder for the runs (default: a fresh temporary folder); "
+                             "removed at the end unless --keep")
+    parser.add_argument("--keep", action="store_true", help="keep the runs' folders")
     args = parser.parse_args()
     rng = random.Random(args.seed)
-    shutil.rmtree(args.workdir, ignore_errors=True)
-    args.workdir.mkdir(parents=True)
+    # Never under the checkout's outputs/, where resume=auto would later find the drill's runs,
+    # and never a folder with someone's files in it: the drill deletes its workdir when done.
+    if args.workdir is None:
+        args.workdir = Path(tempfile.mkdtemp(prefix="rednet-fault-drill-"))
+    elif args.workdir.exists() and (not args.workdir.is_dir() or any(args.workdir.iterdir())):
+        parser.error(f"--workdir {args.workdir} exists and is not an empty folder; give a new one")
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    print(f"working in {args.workdir}", flush=True)
 
     started = time.monotonic()
     reference_dir = args.workdir / "reference"
@@ -140,6 +149,8 @@ def main() -> None:
     print(f"| **all** | {len(records)} | **{survived}** |")
     print(f"\n{survived}/{len(records)} survived; final val metrics equal the uninterrupted run's "
           f"({time.monotonic() - started:.0f} s in all)")
+    if not args.keep:
+        shutil.rmtree(args.workdir, ignore_errors=True)
     sys.exit(0 if survived == len(records) else 1)
 
 

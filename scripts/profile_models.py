@@ -9,9 +9,13 @@ GMACs count convolutions, linear layers and involution's K*K multiply-adds per o
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
-from rednet.models import create_model, list_models
-from rednet.models.complexity import count_macs, count_params
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's rednet
+
+from rednet.models import create_model, list_models  # noqa: E402
+from rednet.models.complexity import count_macs, count_params  # noqa: E402
 
 # The official RedNet table: params (M) and FLOPs (G) at 224x224.
 OFFICIAL = {"rednet26": (9.23, 1.73), "rednet38": (12.39, 2.22), "rednet50": (15.54, 2.71),

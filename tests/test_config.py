@@ -78,6 +78,9 @@ def test_unknown_key_and_wrong_type_fail_at_composition():
     ("trainer.limit_val_batches=-1", "trainer.limit_val_batches=-1 must be at least 1"),
     ("sched.warmup_ratio=-1", r"sched.warmup_ratio=-1.0 must be in \[0, 1\]"),
     ("trainer.ema_decay=1.5", r"trainer.ema_decay=1.5 must be in \[0, 1\)"),
+    ("sched.min_lr=-1", "sched.min_lr=-1.0 must not be negative"),
+    ("sched.gamma=-1", r"sched.gamma=-1.0 must be in \(0, 1\]"),
+    ("sched.milestones=[5,2]", r"sched.milestones=\[5, 2\] must be increasing epochs"),
 ])
 def test_bad_values_are_rejected(override, message):
     with pytest.raises(ConfigError, match=message):

@@ -179,4 +179,20 @@ def test_an_epoch_with_every_batch_skipped_says_so(tmp_path, caplog):
     assert metrics["step"] == 6 and metrics["train"]["loss"] is None
     assert "epoch 2/2: train: every batch skipped" in caplog.text
     assert "non-finite loss in batch 6 of epoch 2, batch skipped (6/100)" in caplog.text
-    json.loads((tmp_path / "run/metrics.json").read_text())  # strict JSON: no NaN
+    json.loads((tmp_path / "run/metrics.json").read_text(), parse_constant=pytest.fail)  # strict JSON: no NaN
+
+
+def test_metrics_json_writes_a_diverged_loss_as_null():
+    from rednet.metrics import to_json
+
+    text = to_json({"val": {"loss": float("nan"), "acc1": 0.5}, "inf": [float("inf"), 1.0]})
+    assert json.loads(text, parse_constant=pytest.fail) == {"val": {"loss": None, "acc1": 0.5}, "inf": [None, 1.0]}
+
+
+def test_resume_past_max_epochs_says_nothing_is_left(tmp_path, caplog):
+    Trainer(compose_config(FAST + RUN + ["trainer.max_epochs=1"]), tmp_path / "run").fit()
+    with caplog.at_level("INFO"):
+        metrics = Trainer(compose_config(FAST + RUN + ["trainer.max_epochs=1", f"resume={tmp_path}/run/checkpoints/last.pt"]),
+                          tmp_path / "again").fit()
+    assert metrics["epoch"] == 1
+    assert "has trained 1 epochs and trainer.max_epochs=1: nothing is left to train" in caplog.text

@@ -42,6 +42,7 @@ def save_checkpoint(obj: dict[str, Any], path: str | Path, keep_previous: bool =
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    existed = path.exists()
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
@@ -65,8 +66,8 @@ def save_checkpoint(obj: dict[str, Any], path: str | Path, keep_previous: bool =
         tmp.unlink(missing_ok=True)
         cause = e if isinstance(e, OSError) else e.__context__
         reason = cause.strerror if isinstance(cause, OSError) and cause.strerror else str(e).splitlines()[0]
-        raise CheckpointError(f"could not write checkpoint {path}: {reason}; "
-                              f"the previous checkpoint there is intact") from e
+        kept = "the previous checkpoint there is intact" if existed else "nothing was written there"
+        raise CheckpointError(f"could not write checkpoint {path}: {reason}; {kept}") from e
     return path
 
 

@@ -12,7 +12,7 @@ from tqdm import tqdm
 
 from rednet.engine.distributed import DistInfo, all_reduce_sum
 from rednet.engine.precision import autocast
-from rednet.metrics import ConfusionMatrix, topk_correct
+from rednet.metrics import ConfusionMatrix, to_json, topk_correct
 
 
 @dataclass
@@ -127,13 +127,12 @@ def evaluate_checkpoint(cfg, ckpt: dict, run_dir: str | Path) -> EvalResult:
     result = evaluate(model, loader, device, dtype, list(data.class_names), dist, t.channels_last,
                       t.limit_val_batches, progress=False, desc="eval")
     if dist.is_main:
-        import json
         from torch.utils.tensorboard import SummaryWriter
 
         run_dir.mkdir(parents=True, exist_ok=True)
         report = {**result.as_dict(), "checkpoint": str(cfg.ckpt), "model": cfg.model.name, "data": cfg.data.name,
                   "per_class": result.confusion.per_class()}
-        (run_dir / "metrics.json").write_text(json.dumps(report, indent=2))
+        (run_dir / "metrics.json").write_text(to_json(report))
         result.confusion.write_csv(run_dir / "confusion_matrix.csv")
         result.confusion.write_png(run_dir / "confusion_matrix.png")
         with SummaryWriter(run_dir / "tensorboard") as writer:

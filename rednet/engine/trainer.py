@@ -8,7 +8,6 @@ step -> scheduler step -> EMA update.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import random
@@ -33,7 +32,7 @@ from rednet.engine.evaluate import EvalResult, check_class_names, evaluate
 from rednet.engine.optim import build_optimizer, build_scheduler
 from rednet.engine.precision import autocast, make_scaler, resolve_device, resolve_precision
 from rednet.errors import CheckpointError, ConfigError, UserError
-from rednet.metrics import topk_correct
+from rednet.metrics import to_json, topk_correct
 from rednet.models import build_model, load_weights
 
 log = logging.getLogger("rednet")
@@ -361,7 +360,7 @@ class Trainer:
         if not self.dist.is_main:
             return
         tmp = self.run_dir / ".metrics.json.tmp"
-        tmp.write_text(json.dumps(self.metrics, indent=2))
+        tmp.write_text(to_json(self.metrics))
         tmp.replace(self.run_dir / "metrics.json")
         if self.writer and "val" in self.metrics:
             hparams = {"model": self.cfg.model.name, "data": self.cfg.data.name, "optim": self.cfg.optim.name,
@@ -442,6 +441,10 @@ class Trainer:
             self.pending_rng = ckpt["rng"] if self.batch_in_epoch else None
         self.resumed_from = path
         self.log(f"resumed from {path}: epoch {self.epoch}, step {self.step}")
+        if self.epoch >= self.cfg.trainer.max_epochs:
+            self.log(f"warning: {path} has trained {self.epoch} epochs and trainer.max_epochs="
+                     f"{self.cfg.trainer.max_epochs}: nothing is left to train, its metrics are reported as they are; "
+                     f"raise trainer.max_epochs to train on")
 
     @contextmanager
     def stop_on_signals(self):
