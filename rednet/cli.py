@@ -20,7 +20,6 @@ from rednet.config import TrainConfig, register_configs, validate
 from rednet.errors import ConfigError, UserError
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
-GROUPS = ("model", "data", "optim", "sched", "trainer", "experiment")
 EXIT_USER_ERROR = 2
 
 register_configs()
@@ -67,15 +66,14 @@ def preflight(config_name: str, argv: list[str]) -> None:
 
     args = [a for a in argv if not a.startswith("-")]
     try:
-        parsed = [o for o in OverridesParser.create().parse_overrides(args)
-                  if not o.is_sweep_override() or values(o) is not None]
-        first = [o.input_line if not o.is_sweep_override() else
-                 f"{o.get_key_element()}={values(o)[0]}" for o in parsed]
+        parsed = [(o, values(o) if o.is_sweep_override() else None)
+                  for o in OverridesParser.create().parse_overrides(args)]
+        parsed = [(o, swept) for o, swept in parsed if swept is not None or not o.is_sweep_override()]
+        first = [o.input_line if swept is None else f"{o.get_key_element()}={swept[0]}" for o, swept in parsed]
         variants = [first]
-        for i, o in enumerate(parsed):
-            if o.is_sweep_override():
-                for value in values(o)[1:]:
-                    variants.append(first[:i] + [f"{o.get_key_element()}={value}"] + first[i + 1:])
+        for i, (o, swept) in enumerate(parsed):
+            for value in (swept or [])[1:]:
+                variants.append(first[:i] + [f"{o.get_key_element()}={value}"] + first[i + 1:])
         with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
             for overrides in variants:
                 cfg = compose(config_name=config_name, overrides=overrides)
