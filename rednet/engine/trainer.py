@@ -215,13 +215,14 @@ class Trainer:
             set_rng_state(self.pending_rng)
             self.pending_rng = None
         loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
-        correct = seen = fetched = 0
+        correct = seen = 0
+        # A checkpoint taken between training and validation resumes with nothing left to train.
+        nothing_left = self.batch_in_epoch >= self.steps_per_epoch
         start = time.perf_counter()
         bar = tqdm(total=self.steps_per_epoch, initial=self.batch_in_epoch, desc=f"epoch {self.epoch + 1}/{t.max_epochs}",
                    disable=not self.show_progress, dynamic_ncols=True, leave=False)
         while self.batch_in_epoch < self.steps_per_epoch:
             images, target = next(batches)
-            fetched += 1
             images = images.to(self.device, non_blocking=True)
             if t.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
@@ -263,7 +264,7 @@ class Trainer:
             if self.stop_signal is not None:
                 self.stop()
         bar.close()
-        if fetched == 0:  # resumed from a checkpoint taken between training and validation
+        if nothing_left:
             return self.metrics.get("train", {"loss": None, "acc1": None, "images_per_s": 0.0, "epoch_time_s": 0.0})
         elapsed = time.perf_counter() - start
         if seen == 0:  # every batch was skipped (non-finite losses, unreadable images)
