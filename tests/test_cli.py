@@ -170,6 +170,7 @@ def test_eval_rejects_unknown_keys_too(capsys, tmp_path):
 def test_unwritable_run_folder(capsys, tmp_path):
     (tmp_path / "afile").write_text("")
     error = preflight_error(capsys, "data=digits", f"hydra.run.dir={tmp_path}/afile/run")
+    assert error is not None, "a run folder inside a file was accepted"
     assert f"cannot make the run folder {tmp_path}/afile/run" in error and "hydra.run.dir=" in error
     error = preflight_error(capsys, "-m", "trainer.seed=1,2", f"hydra.sweep.dir={tmp_path}/afile/sweep")
     assert f"{tmp_path}/afile/sweep" in error and "hydra.sweep.dir=" in error
