@@ -19,7 +19,8 @@ TINY = ["data=digits", "model=rednet18", "data.batch_size=32", "trainer.max_epoc
 
 def summary_of(lines: list[str]) -> dict:
     """The closing summary's numbers and paths, read from the log lines."""
-    start = next(i for i, line in enumerate(lines) if line.startswith("finished "))
+    start = next((i for i, line in enumerate(lines) if line.startswith("finished ")), None)
+    assert start is not None, f"no closing summary in: {lines}"
     head = re.fullmatch(r"finished (\d+) epochs in (\d+)m(\d\d)s, (\d+) train img/s: best top-1 ([\d.]+)% at epoch "
                         r"(\d+), final top-1 ([\d.]+)% \(top-5 ([\d.]+)%\)", lines[start])
     assert head, lines[start]
@@ -34,8 +35,8 @@ def test_start_up_messages_and_closing_summary(tmp_path, caplog):
     Trainer(compose_config(TINY), tmp_path).fit()
     lines = [r.getMessage() for r in caplog.records if r.name == "rednet"]
     order = ["building data=digits", "building model=rednet18", "M params", "epoch 1/2:", "epoch 2/2:", "finished"]
-    at = [next(i for i, line in enumerate(lines) if fragment in line) for fragment in order]
-    assert at == sorted(at), lines
+    at = [next((i for i, line in enumerate(lines) if fragment in line), None) for fragment in order]
+    assert None not in at and at == sorted(at), lines
     summary = summary_of(lines)
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert summary["epochs"] == 2 and summary["best_epoch"] == metrics["best"]["epoch"]
