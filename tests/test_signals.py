@@ -12,9 +12,9 @@ import pytest
 from rednet.engine.checkpoint import read_checkpoint
 from tests.conftest import ROOT
 
+RUN = ["data=digits", "trainer.limit_val_batches=1", "trainer.progress=none", "trainer.device=cpu"]
 # Batches of 512 make a training step last a second or more, so that both signals land inside one step.
-RUN = ["data=digits", "model=rednet26", "data.batch_size=512", "trainer.limit_val_batches=1", "trainer.progress=none",
-       "trainer.device=cpu"]
+SLOW_STEPS = ["model=rednet26", "data.batch_size=512"]
 
 
 def start(tmp_path, *extra):
@@ -42,8 +42,29 @@ def press_ctrl_c_twice(proc) -> tuple[int, str]:
     return proc.returncode, errors[0]
 
 
+def test_first_ctrl_c_saves_and_stops(tmp_path):
+    proc = start(tmp_path, "model=rednet18", "trainer.max_epochs=1")
+    try:
+        read_until(proc.stdout, "M params")  # training starts
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + signal.SIGINT, stderr
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr
+    last = tmp_path / "run/checkpoints/last.pt"
+    assert f"SIGINT: finishing this step, then saving {last}; press Ctrl-C again" in stderr, stderr
+    errors = [line for line in stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, stderr
+    match = re.fullmatch(rf"error: stopped by SIGINT at epoch 1, step (\d+); saved {re.escape(str(last))}; continue "
+                         rf"with resume=auto \(or resume={re.escape(str(last))}\)", errors[0])
+    assert match, errors[0]
+    assert read_checkpoint(last)["step"] == int(match[1]) >= 1  # the step under way was finished, then saved
+    assert sorted(p.name for p in last.parent.iterdir()) == ["last.pt"]
+
+
 def test_second_ctrl_c_before_the_first_checkpoint(tmp_path):
-    proc = start(tmp_path, "trainer.max_epochs=1")
+    proc = start(tmp_path, *SLOW_STEPS, "trainer.max_epochs=1")
     try:
         read_until(proc.stdout, "M params")  # training starts
         _, error = press_ctrl_c_twice(proc)
@@ -57,7 +78,7 @@ def test_second_ctrl_c_before_the_first_checkpoint(tmp_path):
 
 @pytest.mark.slow
 def test_second_ctrl_c_after_a_checkpoint(tmp_path):
-    proc = start(tmp_path, "trainer.max_epochs=3", "trainer.limit_train_batches=2")
+    proc = start(tmp_path, *SLOW_STEPS, "trainer.max_epochs=3", "trainer.limit_train_batches=2")
     best = tmp_path / "run/checkpoints/best.pt"
     try:
         deadline = time.monotonic() + 1200
