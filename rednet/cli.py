@@ -41,7 +41,9 @@ def one_line(error: BaseException) -> str:
 
 
 def fail(message: str, exit_code: int = EXIT_USER_ERROR) -> None:
-    print(f"error: {message}", file=sys.stderr)
+    # One write, so that the lines of several DDP ranks sharing a terminal or log never interleave.
+    sys.stderr.write(f"error: {message}\n")
+    sys.stderr.flush()
     sys.exit(exit_code)
 
 
