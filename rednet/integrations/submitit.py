@@ -1,11 +1,12 @@
 """Runs launched by submitit (``python train.py -m hydra/launcher=submitit_slurm_ddp ...``).
 
 Each task of a job is one DDP process; :func:`rednet.engine.distributed.env_from_submitit` gives it
-its rank. What is left is preemption. submitit asks SLURM to warn a job with SIGUSR2
-(``signal_delay_s`` before its time limit, or when the cluster preempts it), and on that signal it
-requeues the job, which then runs the same command again, in the same run folder. Here the warning
-takes the path SIGTERM takes: the trainer finishes its step, writes ``checkpoints/last.pt`` and stops;
-only then does submitit requeue the job; and the job that runs again resumes from that ``last.pt``.
+its rank. What is left is requeueing. submitit asks SLURM to warn a job with SIGUSR2
+``signal_delay_s`` before its time limit, and on that signal it requeues the job, which then runs
+the same command again, in the same run folder. Here the warning takes the path SIGTERM takes: the
+trainer finishes its step, writes ``checkpoints/last.pt`` and stops; only then does submitit requeue
+the job; and the job that runs again resumes from that ``last.pt``. A preemption that arrives as
+SIGTERM is the trainer's own path already; the job SLURM requeues after it resumes the same way.
 """
 
 from __future__ import annotations
