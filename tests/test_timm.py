@@ -43,7 +43,7 @@ def test_pretrained_cfg_describes_the_official_evaluation():
 
 def test_reset_classifier_follows_timm():
     model = timm.create_model("rednet18", num_classes=10).eval()
-    x = torch.randn(2, 3, 32, 32)
+    x = torch.randn(2, 3, 16, 16)
     model.reset_classifier(0)  # timm's convention: no classifier, the pooled features
     features = model(x)
     assert features.shape == (2, model.num_features) == (2, 512)
@@ -64,7 +64,7 @@ def test_official_weights_load_from_a_local_file(tmp_path):
             p.add_(0.01 * torch.randn_like(p))  # not the initialisation timm would produce
     path = tmp_path / "rednet26_8xb32_in1k.pth"
     torch.save({"meta": {"mmcls_version": "0.12.0"}, "state_dict": official.state_dict()}, path)  # mmcls's layout
-    x = torch.randn(2, 3, 64, 64)
+    x = torch.randn(2, 3, 32, 32)
     model = timm.create_model("rednet26", pretrained=True, pretrained_cfg_overlay=dict(file=str(path))).eval()
     torch.testing.assert_close(model(x), official(x), rtol=0, atol=0)
     finetune = timm.create_model("rednet26", pretrained=True, num_classes=10,
