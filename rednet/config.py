@@ -110,6 +110,8 @@ class TrainConfig:
     resume: Optional[str] = None  # null | auto (the newest last.pt under outputs/) | a path
     ckpt: Optional[str] = None  # eval.py: the checkpoint to evaluate
     experiment: Optional[str] = None  # the recipe's name, for the record
+    # What train.py returns to a sweeper (Optuna's): a key of metrics.json, one of METRICS.
+    optimized_metric: str = "best.acc1"
 
 
 def register_configs() -> None:
@@ -126,6 +128,11 @@ CHOICES = {
     ("trainer", "strategy"): ["single", "ddp"],
     ("trainer", "progress"): ["auto", "bar", "none"],
 }
+
+
+# The scalars of metrics.json a sweeper can optimise (val_ema.* needs trainer.ema=true).
+METRICS = ["best.acc1", "val.acc1", "val.acc5", "val.loss", "train.loss", "train.acc1", "train.images_per_s",
+           "val_ema.acc1", "val_ema.acc5", "val_ema.loss"]
 
 
 def validate(cfg: DictConfig | Any) -> None:
@@ -176,6 +183,12 @@ def validate(cfg: DictConfig | Any) -> None:
                           f"at every milestone")
     if list(cfg.sched.milestones) != sorted(set(cfg.sched.milestones)):
         raise ConfigError(f"sched.milestones={list(cfg.sched.milestones)} must be increasing epochs, e.g. [30, 60, 80]")
+    if cfg.optimized_metric not in METRICS:
+        raise ConfigError(f"optimized_metric={cfg.optimized_metric} is not a metric of the run; choose one of: "
+                          f"{', '.join(METRICS)}")
+    if cfg.optimized_metric.startswith("val_ema.") and not cfg.trainer.ema:
+        raise ConfigError(f"optimized_metric={cfg.optimized_metric} needs the EMA of the weights: add trainer.ema=true, "
+                          f"or optimise val.{cfg.optimized_metric.split('.')[1]}")
     _validate_involution(cfg.model)
 
 

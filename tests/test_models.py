@@ -142,8 +142,8 @@ def test_create_model_errors():
         create_model("rednet26", reduction_ratio=64)
     with pytest.raises(ValueError, match=r"drop_path_rate must be in \[0, 1\), got 1.0"):
         create_model("rednet26", drop_path_rate=1.0)
-    with pytest.raises(ValueError, match="num_classes must be at least 1, got 0"):
-        create_model("rednet18", num_classes=3).reset_classifier(0)
+    with pytest.raises(ValueError, match="num_classes must be at least 1, or 0 for no classifier, got -1"):
+        create_model("rednet18", num_classes=3).reset_classifier(-1)
 
 
 def test_reset_classifier_keeps_dtype_and_device():

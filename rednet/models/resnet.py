@@ -152,14 +152,16 @@ class Backbone(nn.Module):
 
 
 class Head(nn.Module):
-    """Global average pooling and a linear classifier (mmcls's LinearClsHead)."""
+    """Global average pooling and a linear classifier (mmcls's LinearClsHead); with ``num_classes=0``
+    no classifier, so the model returns its pooled features (timm's convention)."""
 
     def __init__(self, in_features: int, num_classes: int) -> None:
         super().__init__()
-        self.fc = nn.Linear(in_features, num_classes)
+        self.fc = nn.Linear(in_features, num_classes) if num_classes else nn.Identity()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(torch.flatten(x.mean((2, 3)), 1))
+    def forward(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = torch.flatten(x.mean((2, 3)), 1)
+        return x if pre_logits else self.fc(x)
 
 
 class ResNet(nn.Module):
@@ -170,14 +172,15 @@ class ResNet(nn.Module):
                  group_channels: int = 16, reduction_ratio: int = 4, zero_init_residual: bool = True,
                  drop_path_rate: float = 0.0) -> None:
         super().__init__()
-        if num_classes < 1:
-            raise ValueError(f"num_classes must be at least 1, got {num_classes}")
+        if num_classes < 0:
+            raise ValueError(f"num_classes must be at least 1, or 0 for no classifier, got {num_classes}")
         if not 0 <= drop_path_rate < 1:
             raise ValueError(f"drop_path_rate must be in [0, 1), got {drop_path_rate}")
         self.num_classes = num_classes
         self.backbone = Backbone(block, layers, in_chans, involution, cifar_stem, kernel_size, group_channels,
                                  reduction_ratio, drop_path_rate)
-        self.head = Head(self.backbone.out_channels, num_classes)
+        self.num_features = self.backbone.out_channels  # what the classifier sees (timm's name)
+        self.head = Head(self.num_features, num_classes)
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
@@ -193,16 +196,25 @@ class ResNet(nn.Module):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.backbone(x)
 
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        return self.head(x, pre_logits)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.backbone(x))
 
-    def reset_classifier(self, num_classes: int) -> None:
-        """Replaces ``head.fc`` with a fresh one, for fine-tuning on another label set."""
-        if num_classes < 1:
-            raise ValueError(f"num_classes must be at least 1, got {num_classes}")
-        old = self.head.fc.weight
+    def get_classifier(self) -> nn.Module:
+        return self.head.fc
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """Replaces ``head.fc`` with a fresh one, for fine-tuning on another label set; ``num_classes=0``
+        removes it. The signature is timm's; average pooling is the only pooling."""
+        if num_classes < 0:
+            raise ValueError(f"num_classes must be at least 1, or 0 for no classifier, got {num_classes}")
+        if global_pool not in (None, "avg"):
+            raise ValueError(f"global_pool={global_pool!r} is not supported: RedNet pools by averaging ('avg')")
+        like = next(self.backbone.parameters())
         self.num_classes = num_classes
-        self.head = Head(self.backbone.out_channels, num_classes).to(device=old.device, dtype=old.dtype)
+        self.head = Head(self.num_features, num_classes).to(device=like.device, dtype=like.dtype)
 
 
 def _build(block, layers, involution, **kwargs) -> ResNet:
