@@ -121,10 +121,11 @@ def test_float32_matches_unfused(k, s):
 def test_bfloat16_under_autocast_accumulates_in_float32():
     # Float32 inputs under a bfloat16 autocast are cast like the convolution they replace would
     # cast them; the result is compared with the float64 answer for the same rounded inputs. With
-    # K = 7 and 4 channels per group, summing 196 products per grad-kernel value in bfloat16 would
-    # be off by several percent; float32 accumulation leaves the rounding of the output alone.
+    # float32 sums the error is the rounding of the bfloat16 outputs (and of the kernel gradient,
+    # stored in bfloat16 as the unfused layer stores it): 3.6e-3 at most here. Summing a group's 16
+    # channels into the kernel gradient in bfloat16 instead gives 3e-2.
     k, s = 7, 1
-    inputs = make_inputs(1, 4, 1, 5, 9, 8, k, s, 1, dtype=torch.float32, seed=3)
+    inputs = make_inputs(1, 16, 1, 8, 9, 8, k, s, 1, dtype=torch.float32, seed=3)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         got = fused(*inputs, k, s, 1)
     rounded = [t.to(torch.bfloat16) for t in inputs]
@@ -132,13 +133,14 @@ def test_bfloat16_under_autocast_accumulates_in_float32():
     for name, g, r in zip(NAMES, got, want):
         assert not g.isnan().any(), name
         error = ((g.double() - r).norm() / r.norm()).item()
-        assert error < 1e-2, f"{name}: relative error {error:.1e}"
+        assert error < 6e-3, f"{name}: relative error {error:.1e}"
     assert got[0].dtype == torch.bfloat16
 
 
 def test_backward_is_deterministic():
-    # Three images: three weight-gradient chunks in the interpreter, summed into one gradient.
-    inputs = make_inputs(3, 2, 1, 3, 7, 5, 3, 1, 1, dtype=torch.float32, seed=5)
+    # Eight images: eight weight-gradient partial sums in the interpreter, whose float32 total
+    # depends on the order they are added in (summing them in a random order fails this test).
+    inputs = make_inputs(8, 2, 1, 3, 5, 4, 3, 1, 1, dtype=torch.float32, seed=5)
     first, second = fused(*inputs, 3, 1, 1), fused(*inputs, 3, 1, 1)
     for name, a, b in zip(NAMES, first, second):
         assert torch.equal(a, b), name
