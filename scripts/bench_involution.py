@@ -120,11 +120,15 @@ def parse_layers(text: str, args) -> list[Layer]:
         return layers
     layers = []
     for item in text.split(","):
-        dims = [int(v) for v in item.lower().split("x")]
+        try:
+            dims = [int(v) for v in item.lower().split("x")]
+        except ValueError:
+            dims = []
         if len(dims) == 3:
             dims.append(dims[2])
         if len(dims) != 4:
-            raise argparse.ArgumentTypeError(f"shape {item!r} is not BxCxH, BxCxHxW or a model name")
+            raise argparse.ArgumentTypeError(f"--shapes: {item!r} is not BxCxH or BxCxHxW, and --shapes is "
+                                             f"either such a list or one model name ({', '.join(list_models())})")
         b, c, h, w = dims
         layers.append(Layer("", b, c, h, w, args.kernel_size, args.stride, c // args.channels_per_group,
                             c // args.reduction_ratio))
