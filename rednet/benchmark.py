@@ -73,3 +73,31 @@ def peak_bytes(fn: Callable[[], object], device: torch.device) -> tuple[int, obj
         live += delta
         peak = max(peak, live)
     return peak, result
+
+
+def involution_layers(model: str = "rednet26", image_size: int = 224) -> list[dict]:
+    """The involution layers of a model and the shapes they see, at batch 1, in forward order.
+
+    Each entry: ``name`` (the module's), ``channels``, ``height``, ``width`` (the input's),
+    ``kernel_size``, ``stride``, ``groups`` and ``reduced`` (the kernel generator's hidden
+    channels, Cr). Read off the built model with forward hooks, so it is whatever the model is.
+    """
+    from rednet.models import Involution, create_model
+
+    net = create_model(model, num_classes=10, cifar_stem=image_size <= 64).eval()
+    layers = []
+
+    def record(name):
+        def hook(module, inputs, output):
+            _, c, h, w = inputs[0].shape
+            layers.append(dict(name=name, channels=c, height=h, width=w, kernel_size=module.kernel_size,
+                               stride=module.stride, groups=module.groups,
+                               reduced=module.conv1.conv.out_channels))
+        return hook
+
+    handles = [m.register_forward_hook(record(n)) for n, m in net.named_modules() if isinstance(m, Involution)]
+    with torch.no_grad():
+        net(torch.zeros(1, 3, image_size, image_size))
+    for h in handles:
+        h.remove()
+    return layers

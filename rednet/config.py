@@ -25,6 +25,9 @@ class ModelConfig:
     reduction_ratio: int = 4
     zero_init_residual: bool = True
     drop_path_rate: float = 0.0
+    # RedNet: each involution and its kernel generator's second 1x1 conv as one Triton operator that
+    # never stores the kernel map (same weights). Off by default: unmeasured on the GPU (README Speed).
+    fused_generator: bool = False
     # null: the CIFAR stem (no downsampling) for images of 64 px or less, the ImageNet stem otherwise.
     cifar_stem: Optional[bool] = None
     # Initial weights: one of our checkpoints or an official mmcls release.
@@ -197,6 +200,9 @@ def _validate_involution(m) -> None:
     from rednet.models.resnet import STEM_INVOLUTION_CHANNELS as width
 
     if not m.name.startswith("rednet"):
+        if m.fused_generator:
+            raise ConfigError(f"model.fused_generator=true fuses RedNet's involutions, and {m.name} has none; "
+                              f"drop the override or choose a rednet model")
         return  # the ResNet baselines have no involution
     if m.kernel_size < 1 or m.kernel_size % 2 == 0:
         raise ConfigError(f"model.kernel_size={m.kernel_size} must be odd and positive (the involution's padding "

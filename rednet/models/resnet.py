@@ -33,10 +33,11 @@ class DropPath(nn.Module):
 
 
 def _spatial(channels: int, stride: int, involution: bool, kernel_size: int, group_channels: int,
-             reduction_ratio: int) -> nn.Module:
+             reduction_ratio: int, fused_generator: bool) -> nn.Module:
     """The block's spatial mixing layer: a KxK involution, or the 3x3 convolution it replaces."""
     if involution:
-        return Involution(channels, kernel_size, stride, group_channels, reduction_ratio)
+        return Involution(channels, kernel_size, stride, group_channels, reduction_ratio,
+                          fused_generator=fused_generator)
     return nn.Conv2d(channels, channels, 3, stride, padding=1, bias=False)
 
 
@@ -107,7 +108,8 @@ class Bottleneck(nn.Module):
 STEM_INVOLUTION_CHANNELS = 32
 
 
-def _stem(in_chans: int, involution: bool, cifar_stem: bool, group_channels: int, reduction_ratio: int) -> nn.Sequential:
+def _stem(in_chans: int, involution: bool, cifar_stem: bool, group_channels: int, reduction_ratio: int,
+          fused_generator: bool) -> nn.Sequential:
     """RedNet: conv3x3/2 -> involution3x3 -> BN -> ReLU -> conv3x3, 64 channels out.
     ResNet: torchvision's conv7x7/2 (so resnet50 is torchvision's resnet50 parameter for parameter).
     The CIFAR variant keeps the module names but does not downsample, and uses a 3x3 conv."""
@@ -116,7 +118,7 @@ def _stem(in_chans: int, involution: bool, cifar_stem: bool, group_channels: int
         width = STEM_INVOLUTION_CHANNELS
         return nn.Sequential(
             ConvNormAct(in_chans, width, 3, stride),
-            Involution(width, 3, 1, group_channels, reduction_ratio),
+            Involution(width, 3, 1, group_channels, reduction_ratio, fused_generator=fused_generator),
             nn.BatchNorm2d(width),
             nn.ReLU(inplace=True),
             ConvNormAct(width, 64, 3),
@@ -127,12 +129,13 @@ def _stem(in_chans: int, involution: bool, cifar_stem: bool, group_channels: int
 class Backbone(nn.Module):
     def __init__(self, block: type[BasicBlock | Bottleneck], layers: tuple[int, ...], in_chans: int,
                  involution: bool, cifar_stem: bool, kernel_size: int, group_channels: int,
-                 reduction_ratio: int, drop_path_rate: float) -> None:
+                 reduction_ratio: int, drop_path_rate: float, fused_generator: bool) -> None:
         super().__init__()
-        self.stem = _stem(in_chans, involution, cifar_stem, group_channels, reduction_ratio)
+        self.stem = _stem(in_chans, involution, cifar_stem, group_channels, reduction_ratio, fused_generator)
         self.maxpool = nn.Identity() if cifar_stem else nn.MaxPool2d(3, 2, padding=1)
         spatial = partial(_spatial, involution=involution, kernel_size=kernel_size,
-                          group_channels=group_channels, reduction_ratio=reduction_ratio)
+                          group_channels=group_channels, reduction_ratio=reduction_ratio,
+                          fused_generator=fused_generator)
         # Stochastic depth grows linearly with the block index, as in timm.
         rates = torch.linspace(0, drop_path_rate, sum(layers)).tolist()
         in_channels = 64
@@ -170,7 +173,7 @@ class ResNet(nn.Module):
     def __init__(self, block: type[BasicBlock | Bottleneck], layers: tuple[int, ...], num_classes: int = 1000,
                  involution: bool = True, in_chans: int = 3, cifar_stem: bool = False, kernel_size: int = 7,
                  group_channels: int = 16, reduction_ratio: int = 4, zero_init_residual: bool = True,
-                 drop_path_rate: float = 0.0) -> None:
+                 drop_path_rate: float = 0.0, fused_generator: bool = False) -> None:
         super().__init__()
         if num_classes < 0:
             raise ValueError(f"num_classes must be at least 1, or 0 for no classifier, got {num_classes}")
@@ -178,7 +181,7 @@ class ResNet(nn.Module):
             raise ValueError(f"drop_path_rate must be in [0, 1), got {drop_path_rate}")
         self.num_classes = num_classes
         self.backbone = Backbone(block, layers, in_chans, involution, cifar_stem, kernel_size, group_channels,
-                                 reduction_ratio, drop_path_rate)
+                                 reduction_ratio, drop_path_rate, fused_generator)
         self.num_features = self.backbone.out_channels  # what the classifier sees (timm's name)
         self.head = Head(self.num_features, num_classes)
         for m in self.modules():
