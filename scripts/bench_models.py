@@ -122,6 +122,10 @@ def measure(name: str, resolution: int, batch: int, layout: str, mode: str, args
     # dynamic=False: when the involution still broke the graph, the pieces between involutions
     # recompiled with symbolic shapes and Inductor
     # (torch 2.14) then failed to compile their backward.
+    if mode == "compile":
+        # Every setup compiles afresh: otherwise the models of one run, which share forward methods,
+        # would pile up recompilations past Dynamo's limit of 8 and silently run the rest eagerly.
+        torch._dynamo.reset()
     run = torch.compile(model, dynamic=False) if mode == "compile" else model
     amp = torch.autocast(device.type, dtype=AMP_DTYPES.get(args.amp, torch.float32), enabled=args.amp is not None)
     # As in the trainer: float16 needs loss scaling, bfloat16 does not.
