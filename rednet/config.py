@@ -92,8 +92,9 @@ class TrainerConfig:
     grad_clip: Optional[float] = None  # max global grad norm
     ema: bool = False
     ema_decay: float = 0.9998
-    channels_last: bool = False
-    compile: bool = False
+    # auto | true | false; auto picks what measured faster on the device (rednet.engine.precision.AUTO)
+    channels_last: Any = "auto"
+    compile: Any = "auto"
     strategy: str = "single"  # single | ddp (launch with torchrun)
     sync_batchnorm: bool = False  # ddp: convert BatchNorm to SyncBatchNorm
     limit_train_batches: Optional[int] = None  # for smoke tests and profiling
@@ -162,6 +163,10 @@ def validate(cfg: DictConfig | Any) -> None:
             raise ConfigError(f"{key}={value} must not be negative")
     if not 0 <= cfg.trainer.label_smoothing < 1:
         raise ConfigError(f"trainer.label_smoothing={cfg.trainer.label_smoothing} must be in [0, 1)")
+    for key in ("channels_last", "compile"):
+        value = cfg.trainer[key]
+        if not (isinstance(value, bool) or value == "auto"):
+            raise ConfigError(f"trainer.{key}={value} is not valid; choose one of: auto, true, false")
     if cfg.trainer.grad_clip is not None and cfg.trainer.grad_clip <= 0:
         raise ConfigError(f"trainer.grad_clip={cfg.trainer.grad_clip} must be positive, or null to turn it off")
     if cfg.data.name == "fake" and not (cfg.data.num_classes or 0) >= 1:

@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # The GPU half of the README's Speed section: the CUDA correctness tests of the compiled Triton
-# kernels, the operator benchmark and the whole-model benchmark. Run from anywhere:
-#     scripts/bench_gpu.sh [test|ops|models|compile|all]
-# On an H100 the tests took about 6 minutes (each new shape and dtype is autotuned; the fused
-# generator's tests add an estimated 2) and the model benchmark about 4; the operator benchmark is
-# estimated at 6 on an H200 (not yet run since the fused generator); compile adds Inductor's time.
+# kernels, the operator benchmark and the whole-step benchmark. Run from anywhere:
+#     scripts/bench_gpu.sh [test|ops|models|fp16|all]
+# Each part fits one 10-minute device call. On an H100 the tests took about 6 minutes (each new shape
+# and dtype is autotuned; the fused generator's tests add an estimated 2). The operator benchmark is
+# estimated at 6 on an H200 (not yet run since the fused generator). `models` prints the whole-step
+# table (RedNet-26, RedNet-50 and ResNet-50 in NCHW and channels_last, eager and compiled) and
+# RedNet-26's kernel time by kind; its --budget-s starts no new setup after 5 minutes, so that the
+# part ends within 8 even when compilation is slow. Read it against `python scripts/roofline.py` (CPU).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
@@ -44,17 +47,12 @@ if run ops; then (
         --impls triton,unfold --repeats 50 --warmup 5
 ) fi
 if run models; then
-    $PY scripts/bench_models.py --device cuda --amp --batch-size 64 128 --models $MODELS --repeats 20 --warmup 5
-    $PY scripts/bench_models.py --device cuda --amp --channels-last --batch-size 128 --models $MODELS \
-        --repeats 20 --warmup 5
-    $PY scripts/bench_models.py --device cuda --amp --batch-size 64 --models rednet26 tv_resnet50 \
-        --involution-impl unfold --repeats 10 --warmup 3
+    $PY scripts/bench_models.py --device cuda --amp bf16 --batch-size 128 --models rednet26 rednet50 tv_resnet50 \
+        --layouts nchw channels_last --modes eager compile --repeats 20 --warmup 5 --budget-s 300 --profile
+fi
+if run fp16; then
     # PyTorch's own NCHW BatchNorm kernels (which bf16 gets) run one block per channel, so the
     # kernel generators' 8-64-channel BatchNorms use few SMs; fp16 may get cuDNN's instead.
     $PY scripts/bench_models.py --device cuda --amp fp16 --batch-size 128 --models rednet26 tv_resnet50 \
-        --repeats 20 --warmup 5 --profile
-fi
-if run compile; then
-    $PY scripts/bench_models.py --device cuda --amp --channels-last --compile --batch-size 128 \
-        --models rednet26 tv_resnet50 --repeats 20 --warmup 5
+        --layouts nchw channels_last --repeats 20 --warmup 5 --profile
 fi
