@@ -112,6 +112,10 @@ class Trainer:
         self.cfg = cfg
         t = cfg.trainer
         self.device = resolve_device(t.device, distributed.env_info().local_rank)
+        if t.strategy == "ddp" and t.sync_batchnorm and self.device.type != "cuda":
+            # PyTorch's SyncBatchNorm raises in its first training forward on any other device.
+            raise ConfigError(f"trainer.sync_batchnorm=true needs CUDA: PyTorch's SyncBatchNorm does not run on "
+                              f"the {self.device.type}; set trainer.sync_batchnorm=false")
         self.dist = distributed.init_distributed(self.device) if t.strategy == "ddp" else distributed.DistInfo()
         # Every rank resolved ${now:...} by itself; rank 0's folder is the run's.
         self.run_dir = Path(distributed.broadcast_object(str(run_dir), self.dist))
