@@ -431,6 +431,10 @@ class Trainer:
             raise CheckpointError(f"{path}: its optimizer state does not fit optim={self.cfg.optim.name} ({e!r}); "
                                   f"resume with the optim settings it was trained with") from None
         self.scheduler.load_state_dict(ckpt["scheduler"])
+        # The optimizer state holds the lr of the schedule it was saved under; with a longer
+        # trainer.max_epochs the schedule is stretched, so the next step's lr is recomputed from it.
+        for group, base_lr, factor in zip(self.optimizer.param_groups, self.scheduler.base_lrs, self.scheduler.lr_lambdas):
+            group["lr"] = base_lr * factor(self.scheduler.last_epoch)
         self.scaler.load_state_dict(ckpt["scaler"])
         if self.ema is not None and ckpt.get("ema") is not None:
             self.ema.load_state_dict(ckpt["ema"])
