@@ -2,8 +2,8 @@
 
 These run only where CUDA is available (CI has none, so they are skipped there); on the CPU the
 same kernels are tested through Triton's interpreter in ``test_ops_triton.py``. The reference is
-the unfold implementation in float64 on the CPU, fed the same (rounded) inputs, so every GPU result
-is compared with an exact answer rather than with another GPU path.
+tests/reference.py (the definition in float64 on the CPU), fed the same (rounded) inputs, so every
+GPU result is compared with an exact answer rather than with another implementation.
 """
 
 import pytest
@@ -14,6 +14,7 @@ if not torch.cuda.is_available():
 
 from rednet.models import create_model  # noqa: E402
 from rednet.ops import available_impls, involution, output_size  # noqa: E402
+from tests.reference import involution_reference  # noqa: E402
 
 CUDA = torch.device("cuda")
 # Relative error bounds per dtype, measured as ||got - ref|| / ||ref|| (fp32 accumulation throughout).
@@ -40,7 +41,7 @@ def check(impl, b, c, groups, h, w, k, s, d, dtype, seed=0):
         return (out, *torch.autograd.grad(out, (x, weight), grad_out.to(device)))
 
     got = run(x, weight, grad_out, impl, CUDA)
-    want = run(x.double(), weight.double(), grad_out.double(), "unfold", torch.device("cpu"))
+    want = involution_reference(x, weight, k, s, d, grad_out=grad_out)
     for name, g, r in zip(("out", "grad_x", "grad_weight"), got, want):
         assert g.dtype == dtype and g.shape == r.shape, name
         err = relative_error(g, r)
@@ -70,9 +71,9 @@ def test_channels_last_input():
     gen = torch.Generator().manual_seed(3)
     x = torch.randn(2, 32, 15, 15, generator=gen).to(CUDA)
     weight = torch.randn(2, 2, 49, 15, 15, generator=gen).to(CUDA)
-    want = involution(x, weight, 7, impl="unfold")
+    want = involution_reference(x, weight, 7)
     got = involution(x.contiguous(memory_format=torch.channels_last), weight, 7, impl="triton")
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got.double().cpu(), want, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)

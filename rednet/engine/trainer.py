@@ -112,6 +112,10 @@ class Trainer:
         self.cfg = cfg
         t = cfg.trainer
         self.device = resolve_device(t.device, distributed.env_info().local_rank)
+        if t.strategy == "ddp" and t.sync_batchnorm and self.device.type != "cuda":
+            # PyTorch's SyncBatchNorm raises in its first training forward on any other device.
+            raise ConfigError(f"trainer.sync_batchnorm=true needs CUDA: PyTorch's SyncBatchNorm does not run on "
+                              f"the {self.device.type}; set trainer.sync_batchnorm=false")
         self.dist = distributed.init_distributed(self.device) if t.strategy == "ddp" else distributed.DistInfo()
         # Every rank resolved ${now:...} by itself; rank 0's folder is the run's.
         self.run_dir = Path(distributed.broadcast_object(str(run_dir), self.dist))
@@ -430,6 +434,10 @@ class Trainer:
             raise CheckpointError(f"{path}: its optimizer state does not fit optim={self.cfg.optim.name} ({e!r}); "
                                   f"resume with the optim settings it was trained with") from None
         self.scheduler.load_state_dict(ckpt["scheduler"])
+        # The optimizer state holds the lr of the schedule it was saved under; with a longer
+        # trainer.max_epochs the schedule is stretched, so the next step's lr is recomputed from it.
+        for group, base_lr, factor in zip(self.optimizer.param_groups, self.scheduler.base_lrs, self.scheduler.lr_lambdas):
+            group["lr"] = base_lr * factor(self.scheduler.last_epoch)
         self.scaler.load_state_dict(ckpt["scaler"])
         if self.ema is not None and ckpt.get("ema") is not None:
             self.ema.load_state_dict(ckpt["ema"])

@@ -13,23 +13,10 @@ from typing import Callable
 
 import torch
 from torch import nn
+from torchvision.ops import StochasticDepth
 
 from rednet.models.involution import ConvNormAct, Involution
 from rednet.models.registry import register_model
-
-
-class DropPath(nn.Module):
-    """Stochastic depth: drops a sample's whole residual branch with probability ``p``."""
-
-    def __init__(self, p: float = 0.0) -> None:
-        super().__init__()
-        self.p = p
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.p == 0.0 or not self.training:
-            return x
-        keep = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(1.0 - self.p)
-        return x * keep / (1.0 - self.p)
 
 
 def _spatial(channels: int, stride: int, involution: bool, kernel_size: int, group_channels: int,
@@ -61,7 +48,7 @@ class BasicBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(channels)
         self.relu = nn.ReLU(inplace=True)
         self.downsample = _downsample(in_channels, channels, stride)
-        self.drop_path = DropPath(drop_path)
+        self.drop_path = StochasticDepth(drop_path, "row")  # drops a sample's whole residual branch
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         identity = x if self.downsample is None else self.downsample(x)
@@ -90,7 +77,7 @@ class Bottleneck(nn.Module):
         self.bn3 = nn.BatchNorm2d(out_channels)
         self.relu = nn.ReLU(inplace=True)
         self.downsample = _downsample(in_channels, out_channels, stride)
-        self.drop_path = DropPath(drop_path)
+        self.drop_path = StochasticDepth(drop_path, "row")  # drops a sample's whole residual branch
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         identity = x if self.downsample is None else self.downsample(x)
