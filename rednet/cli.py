@@ -43,7 +43,9 @@ def one_line(error: BaseException) -> str:
 
 
 def fail(message: str, exit_code: int = EXIT_USER_ERROR) -> None:
-    print(f"error: {message}", file=sys.stderr)
+    # One write, so that the lines of several DDP ranks sharing a terminal or log never interleave.
+    sys.stderr.write(f"error: {message}\n")
+    sys.stderr.flush()
     sys.exit(exit_code)
 
 
@@ -177,8 +179,8 @@ def _train(cfg: DictConfig) -> float:
     from rednet.integrations import submitit
 
     run_dir = HydraConfig.get().runtime.output_dir
-    if cfg.resume is None and (requeued := submitit.requeued_checkpoint(run_dir)) is not None:
-        cfg.resume = str(requeued)
+    if cfg.resume is None and submitit.in_job():  # a requeued job runs again in its run folder
+        cfg.resume = "if_exists"
     with submitit.save_before_requeue():
         metrics = Trainer(cfg, run_dir).fit()
     group, key = cfg.optimized_metric.split(".")

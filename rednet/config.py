@@ -97,6 +97,7 @@ class TrainerConfig:
     compile: Any = "auto"
     strategy: str = "single"  # single | ddp (launch with torchrun)
     sync_batchnorm: bool = False  # ddp: convert BatchNorm to SyncBatchNorm
+    ddp_timeout_s: int = 1800  # ddp: the longest any process waits for the others (a dead or hung one)
     limit_train_batches: Optional[int] = None  # for smoke tests and profiling
     limit_val_batches: Optional[int] = None
     save_every_n_steps: int = 0  # also write last.pt every N steps (0: once per epoch)
@@ -111,7 +112,8 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     sched: SchedConfig = field(default_factory=SchedConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
-    resume: Optional[str] = None  # null | auto (the newest last.pt under outputs/) | a path
+    # null | auto (the newest last.pt under outputs/) | if_exists (this run folder's last.pt, if any) | a path
+    resume: Optional[str] = None
     ckpt: Optional[str] = None  # eval.py: the checkpoint to evaluate
     experiment: Optional[str] = None  # the recipe's name, for the record
     # What train.py returns to a sweeper (Optuna's): a key of metrics.json, one of METRICS.
@@ -150,6 +152,7 @@ def validate(cfg: DictConfig | Any) -> None:
         if value not in choices:
             raise ConfigError(f"{group}.{key}={value} is not valid; choose one of: {', '.join(choices)}")
     positive = {"optim.lr": cfg.optim.lr, "trainer.max_epochs": cfg.trainer.max_epochs,
+                "trainer.ddp_timeout_s": cfg.trainer.ddp_timeout_s,
                 "data.batch_size": cfg.data.batch_size, "data.image_size": cfg.data.image_size}
     for key, value in positive.items():
         if not value > 0:

@@ -105,7 +105,7 @@ def evaluate_checkpoint(cfg, ckpt: dict, run_dir: str | Path) -> EvalResult:
 
     t = cfg.trainer
     device = resolve_device(t.device, distributed.env_info().local_rank)
-    dist = distributed.init_distributed(device) if t.strategy == "ddp" else distributed.DistInfo()
+    dist = distributed.init_distributed(device, t.ddp_timeout_s) if t.strategy == "ddp" else distributed.DistInfo()
     run_dir = Path(distributed.broadcast_object(str(run_dir), dist))
     dtype = resolve_precision(t.precision, device)
     channels_last = resolve_auto("channels_last", t.channels_last, device)

@@ -116,9 +116,12 @@ class Trainer:
             # PyTorch's SyncBatchNorm raises in its first training forward on any other device.
             raise ConfigError(f"trainer.sync_batchnorm=true needs CUDA: PyTorch's SyncBatchNorm does not run on "
                               f"the {self.device.type}; set trainer.sync_batchnorm=false")
-        self.dist = distributed.init_distributed(self.device) if t.strategy == "ddp" else distributed.DistInfo()
+        self.dist = (distributed.init_distributed(self.device, t.ddp_timeout_s) if t.strategy == "ddp"
+                     else distributed.DistInfo())
         # Every rank resolved ${now:...} by itself; rank 0's folder is the run's.
         self.run_dir = Path(distributed.broadcast_object(str(run_dir), self.dist))
+        if self.dist.enabled and (warning := distributed.shared_store_warning()):
+            self.log(warning)
         if cfg.data.batch_size % self.dist.world_size:
             raise ConfigError(f"data.batch_size={cfg.data.batch_size} (the global batch) does not divide across "
                               f"{self.dist.world_size} processes; use a multiple of {self.dist.world_size}")
@@ -171,8 +174,9 @@ class Trainer:
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.resumed_from: Path | None = None
         self.pending_rng: dict | None = None
-        if cfg.resume:
-            self.resume(find_last_checkpoint(cfg) if cfg.resume == "auto" else Path(cfg.resume))
+        path = self.checkpoint_to_resume()
+        if path is not None:
+            self.resume(path)
 
     # -- the loop ---------------------------------------------------------------------------
 
@@ -183,10 +187,10 @@ class Trainer:
                  f"images, device {self.device}, precision {self.dtype or torch.float32}, channels_last "
                  f"{self.channels_last}, compile {self.compile}, "
                  f"{self.dist.world_size} process(es), run folder {self.run_dir}")
-        with self.stop_on_signals():
+        with self.stop_on_signals(), distributed.lost_process_errors(self.dist, self.ckpt_dir / "last.pt"):
             while self.epoch < t.max_epochs:
                 train = self.train_one_epoch()
-                if self.stop_signal is not None:  # validation can take minutes: save the epoch first
+                if self.stop_requested():  # validation can take minutes: save the epoch first
                     self.stop()
                 val = self.validate()
                 self.epoch += 1
@@ -198,10 +202,9 @@ class Trainer:
                 self.save("last.pt")
                 if is_best:
                     self.save("best.pt")
-                if self.stop_signal is not None and self.epoch < t.max_epochs:
+                if self.epoch < t.max_epochs and self.stop_requested():
                     raise Interrupted(f"stopped by {signal.Signals(self.stop_signal).name} after epoch {self.epoch}; "
-                                      f"saved {self.ckpt_dir / 'last.pt'}; continue with resume=auto",
-                                      self.stop_signal)
+                                      f"saved {self.ckpt_dir / 'last.pt'}; {self.resume_hint()}", self.stop_signal)
         if self.resumed_from is not None and self.epoch >= t.max_epochs and "val" not in self.metrics:
             raise CheckpointError(f"{self.resumed_from} has no validation metrics to report")
         self.write_metrics()
@@ -268,7 +271,7 @@ class Trainer:
             if t.save_every_n_steps and self.step % t.save_every_n_steps == 0 and \
                     self.batch_in_epoch < self.steps_per_epoch:
                 self.save("last.pt")
-            if self.stop_signal is not None:
+            if self.stop_requested():
                 self.stop()
         bar.close()
         if nothing_left:
@@ -286,8 +289,27 @@ class Trainer:
         self.save("last.pt")
         name = signal.Signals(self.stop_signal).name
         raise Interrupted(f"stopped by {name} at epoch {self.epoch + 1}, step {self.step}; saved "
-                          f"{self.ckpt_dir / 'last.pt'}; continue with resume=auto (or resume={self.ckpt_dir / 'last.pt'})",
-                          self.stop_signal)
+                          f"{self.ckpt_dir / 'last.pt'}; {self.resume_hint()}", self.stop_signal)
+
+    def stop_requested(self) -> bool:
+        """Whether a SIGTERM or SIGINT reached this process or, under DDP, any other.
+
+        Asked of every rank at the same points, so that all stop after the same step: a rank
+        that stopped alone would leave the others waiting in their next collective.
+        """
+        if not self.dist.enabled:
+            return self.stop_signal is not None
+        flag = torch.tensor([0.0 if self.stop_signal is None else 1.0], device=self.device)
+        if not distributed.all_reduce_sum(flag, self.dist).item():
+            return False
+        if self.stop_signal is None:
+            self.stop_signal = signal.SIGTERM
+        return True
+
+    def resume_hint(self) -> str:
+        if self.cfg.resume == "if_exists":
+            return "run the same command again to continue (resume=if_exists)"
+        return f"continue with resume=auto (or resume={self.ckpt_dir / 'last.pt'})"
 
     def keep_batch(self, loss: torch.Tensor, batch_size: int) -> bool:
         """Whether this batch makes an optimizer step.
@@ -295,14 +317,12 @@ class Trainer:
         A batch in which no image could be read (``data.bad_images=skip``) is skipped with a
         warning. A NaN/inf loss skips up to ``trainer.max_bad_steps`` batches, then stops the run.
         The flags are summed over ranks, so every rank takes the same decision: DDP never waits on
-        a rank that skipped, and a signal that reached one rank stops them all at the same step.
+        a rank that skipped.
         """
         empty = batch_size == 0
-        flags = torch.tensor([float(empty), 0.0 if empty or math.isfinite(float(loss.detach())) else 1.0,
-                              0.0 if self.stop_signal is None else float(self.stop_signal)], device=self.device)
-        empty_ranks, bad, stop = distributed.all_reduce_sum(flags, self.dist).tolist()
-        if stop and self.stop_signal is None:
-            self.stop_signal = signal.SIGTERM
+        flags = torch.tensor([float(empty), 0.0 if empty or math.isfinite(float(loss.detach())) else 1.0],
+                             device=self.device)
+        empty_ranks, bad = distributed.all_reduce_sum(flags, self.dist).tolist()
         if empty_ranks:
             # The mean loss of no sample is NaN; that is not the model diverging.
             self.log(f"warning: no readable image in batch {self.batch_in_epoch + 1} of epoch {self.epoch + 1}"
@@ -388,7 +408,7 @@ class Trainer:
 
     # -- checkpoints ----------------------------------------------------------------------------
 
-    def state(self) -> dict:
+    def state(self, rng_by_rank: list[dict]) -> dict:
         return {
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -401,7 +421,9 @@ class Trainer:
             "bad_steps": self.bad_steps,
             "best_acc1": self.best_acc1,
             "best_epoch": self.best_epoch,
-            "rng": rng_state(),
+            "rng": rng_by_rank[0],
+            # Under DDP every rank draws its own augmentations: each one's generators, by rank.
+            "rng_by_rank": rng_by_rank if self.dist.enabled else None,
             "config": OmegaConf.to_container(self.cfg, resolve=True),
             "metrics": self.metrics,
             "class_names": self.class_names,
@@ -410,9 +432,41 @@ class Trainer:
     def save(self, name: str) -> None:
         """Only rank 0 writes; every rank waits so that no rank races ahead of a checkpoint.
         ``last.pt`` keeps its predecessor as ``last.prev.pt``; ``best.pt`` needs no second copy."""
+        rng_by_rank = distributed.all_gather_object(rng_state(), self.dist)
         if self.dist.is_main:
-            save_checkpoint(self.state(), self.ckpt_dir / name, keep_previous=name == "last.pt")
+            save_checkpoint(self.state(rng_by_rank), self.ckpt_dir / name, keep_previous=name == "last.pt")
         distributed.barrier(self.dist)
+
+    def checkpoint_to_resume(self) -> Path | None:
+        """The checkpoint that ``resume`` names, or None for a fresh start.
+
+        ``auto``: the newest ``last.pt`` of the same model and data under outputs/ (an error if
+        none). ``if_exists``: this run folder's own ``last.pt`` if it has one, so that one command
+        starts a run and continues it after any restart (torchrun ``--max-restarts``, a SLURM
+        requeue) as long as the run folder is fixed. Rank 0 decides, so every rank loads the same file.
+        """
+        mode = self.cfg.resume
+        choice = error = None
+        if self.dist.is_main:
+            try:
+                if mode == "auto":
+                    choice = find_last_checkpoint(self.cfg)
+                elif mode == "if_exists":
+                    last = self.ckpt_dir / "last.pt"
+                    choice = last if last.is_file() else None
+                    if choice is None:
+                        self.log(f"resume=if_exists: {self.run_dir} has no checkpoints/last.pt yet, starting the run")
+                elif mode:
+                    choice = Path(mode)
+            except CheckpointError as e:
+                error = str(e)
+        choice, error = distributed.broadcast_object((choice, error), self.dist)
+        if error is not None:
+            raise CheckpointError(error)
+        if mode is None and distributed.restart_count():
+            self.log(f"warning: torchrun restarted this run (restart {distributed.restart_count()}) and without resume "
+                     f"training starts over; add resume=if_exists and a fixed hydra.run.dir to continue instead")
+        return choice
 
     def resume(self, path: Path) -> None:
         ckpt = read_checkpoint(path)
@@ -446,11 +500,16 @@ class Trainer:
         self.bad_steps = ckpt.get("bad_steps", 0)
         self.best_acc1, self.best_epoch = ckpt.get("best_acc1", -1.0), ckpt.get("best_epoch", -1)
         self.metrics = dict(ckpt.get("metrics") or {})
-        # Saved by rank 0; other ranks keep their own streams, offset by their rank, so a DDP
-        # resume is exact in the weights and schedule but not in the augmentations.
-        if self.dist.is_main:
-            set_rng_state(ckpt["rng"])
-            self.pending_rng = ckpt["rng"] if self.batch_in_epoch else None
+        # Each rank continues its own generators when the run had as many processes; the data
+        # order depends on the process count too, so with another count nothing can be exact.
+        saved = ckpt.get("rng_by_rank") or [ckpt["rng"]]
+        mine = saved[self.dist.rank] if len(saved) == self.dist.world_size else saved[0] if self.dist.is_main else None
+        if mine is not None:
+            set_rng_state(mine)
+            self.pending_rng = mine if self.batch_in_epoch else None
+        if len(saved) != self.dist.world_size:
+            self.log(f"warning: {path} holds the random state of {len(saved)} process(es) and this run has "
+                     f"{self.dist.world_size}: data order and augmentations differ from an uninterrupted run's")
         self.resumed_from = path
         self.log(f"resumed from {path}: epoch {self.epoch}, step {self.step}")
         if self.epoch >= self.cfg.trainer.max_epochs:

@@ -5,7 +5,9 @@ its rank. What is left is requeueing. submitit asks SLURM to warn a job with SIG
 ``signal_delay_s`` before its time limit, and on that signal it requeues the job, which then runs
 the same command again, in the same run folder. Here the warning takes the path SIGTERM takes: the
 trainer finishes its step, writes ``checkpoints/last.pt`` and stops; only then does submitit requeue
-the job; and the job that runs again resumes from that ``last.pt``. A preemption that arrives as
+the job; and the job that runs again resumes from that ``last.pt``: train.py runs a submitit job
+with ``resume=if_exists`` (unless ``resume`` is set), the one mechanism that torchrun restarts and
+requeued sbatch scripts use too (``Trainer.checkpoint_to_resume``). A preemption that arrives as
 SIGTERM is the trainer's own path already; the job SLURM requeues after it resumes the same way.
 """
 
@@ -15,19 +17,12 @@ import logging
 import os
 import signal
 from contextlib import contextmanager
-from pathlib import Path
 
 log = logging.getLogger("rednet")
 
 
 def in_job() -> bool:
     return bool(os.environ.get("SUBMITIT_EXECUTOR"))
-
-
-def requeued_checkpoint(run_dir: str | Path) -> Path | None:
-    """The run folder's ``checkpoints/last.pt`` when a submitit job finds one: it is running again."""
-    path = Path(run_dir) / "checkpoints" / "last.pt"
-    return path if in_job() and path.is_file() else None
 
 
 @contextmanager
