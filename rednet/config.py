@@ -112,8 +112,14 @@ class TrainConfig:
     experiment: Optional[str] = None  # the recipe's name, for the record
 
 
+@dataclass
+class ExportConfig(TrainConfig):
+    out: Optional[str] = None  # export.py: the .onnx to write (null: model.onnx beside the checkpoint)
+
+
 def register_configs() -> None:
     ConfigStore.instance().store(name="train_schema", node=TrainConfig)
+    ConfigStore.instance().store(name="export_schema", node=ExportConfig)
 
 
 CHOICES = {
@@ -177,6 +183,9 @@ def validate(cfg: DictConfig | Any) -> None:
     if list(cfg.sched.milestones) != sorted(set(cfg.sched.milestones)):
         raise ConfigError(f"sched.milestones={list(cfg.sched.milestones)} must be increasing epochs, e.g. [30, 60, 80]")
     _validate_involution(cfg.model)
+    out = cfg.get("out")
+    if out is not None and not str(out).endswith(".onnx"):
+        raise ConfigError(f"out={out} must be a path ending in .onnx (the sidecar goes beside it, ending in .json)")
 
 
 def _validate_involution(m) -> None:
