@@ -202,7 +202,8 @@ def export_onnx(model: nn.Module, path: str | Path, in_chans: int, image_size: i
             os.replace(temporary[0], path)
             os.replace(temporary[1], side)
         except OSError as e:
-            path.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                path.unlink(missing_ok=True)
             raise DeployError(f"cannot write {path}: {e.strerror or e}; nothing was written") from None
         return info
     finally:
