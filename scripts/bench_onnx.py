@@ -1,7 +1,7 @@
 """Inference images/s in ONNX Runtime and in PyTorch, as a markdown table.
 
     python scripts/bench_onnx.py                                   # RedNet-26 and ResNet-50, batch 1 and 8
-    python scripts/bench_onnx.py --batch-size 8 --formulations loop shift unfold rows onnxhot
+    python scripts/bench_onnx.py --batch-size 8 --formulations auto flat loop shift unfold rows onehot
 
 Every model is exported exactly as ``export.py`` exports it (BatchNorm folded, involutions in
 standard operators) and run in ONNX Runtime on the CPU with ``--threads`` intra-op threads; the
@@ -64,7 +64,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--formulations", nargs="+", default=[DEFAULT], choices=sorted(FORMULATIONS),
+    parser.add_argument("--formulations", nargs="+", default=[DEFAULT], choices=sorted(FORMULATIONS) + [DEFAULT],
                         help="involution formulations to export RedNets with")
     parser.add_argument("--no-pytorch", action="store_true", help="leave out the PyTorch rows")
     args = parser.parse_args()

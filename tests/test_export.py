@@ -20,7 +20,7 @@ pytest.importorskip("onnxruntime")
 
 from rednet.deploy import OnnxClassifier, export_onnx, to_onnx  # noqa: E402
 from rednet.deploy.export import op_types  # noqa: E402
-from rednet.deploy.involution import FORMULATIONS  # noqa: E402
+from rednet.deploy.involution import DEFAULT, FORMULATIONS  # noqa: E402
 from rednet.deploy.runtime import session  # noqa: E402
 from rednet.ops.involution import involution_unfold  # noqa: E402
 
@@ -95,7 +95,7 @@ class Layer(torch.nn.Module):
         return self.inv(x)
 
 
-@pytest.mark.parametrize("formulation", sorted(FORMULATIONS))
+@pytest.mark.parametrize("formulation", sorted(FORMULATIONS) + [DEFAULT])
 def test_every_formulation_computes_involution(formulation):
     """Each way of writing the operator, alone, against the unfold reference: strides 1 and 2,
     K = 3 and 7, odd sizes, one and several samples and groups."""
@@ -140,7 +140,8 @@ def test_digits_export_matches_pytorch_and_has_a_sidecar(digits_export):
     root, model = digits_export
     proto = onnx.load(str(root / "model.onnx"))
     assert_standard(proto)
-    assert op_types(proto)["Loop"] == 9  # every involution of RedNet-18, in the default formulation
+    # The default formulation: a Loop for each 7x7 involution, a one-hot Conv for the stem's 3x3.
+    assert op_types(proto)["Loop"] == 8
     assert_matches(model, proto, [(1, 1, 8), (3, 1, 8), (2, 1, 7)])
 
     info = json.loads((root / "model.json").read_text())
