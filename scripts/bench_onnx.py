@@ -1,7 +1,11 @@
 """Inference images/s in ONNX Runtime and in PyTorch, as a markdown table.
 
-    python scripts/bench_onnx.py                                   # RedNet-26 and ResNet-50, batch 1 and 8
-    python scripts/bench_onnx.py --batch-size 8 --formulations auto flat loop shift unfold rows onehot
+    python scripts/bench_onnx.py                      # everything the README shows, in one run
+    python scripts/bench_onnx.py --formulations auto  # only the formulation export.py writes
+
+By default it compares RedNet-26 and ResNet-50 at batch 1 and 8, with RedNet-26 exported in every
+formulation of the involution (``auto``, export.py's, first). On an idle 2-core CPU that takes
+about 5 minutes (most of it the slow formulations and the 8 exports); it prints its wall time.
 
 Every model is exported exactly as ``export.py`` exports it (BatchNorm folded, involutions in
 standard operators) and run in ONNX Runtime on the CPU with ``--threads`` intra-op threads; the
@@ -64,7 +68,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--formulations", nargs="+", default=[DEFAULT], choices=sorted(FORMULATIONS) + [DEFAULT],
+    parser.add_argument("--formulations", nargs="+", default=[DEFAULT, *FORMULATIONS],
+                        choices=[DEFAULT, *FORMULATIONS],
                         help="involution formulations to export RedNets with")
     parser.add_argument("--no-pytorch", action="store_true", help="leave out the PyTorch rows")
     args = parser.parse_args()
@@ -74,6 +79,7 @@ def main() -> None:
     if min(args.batch_size + [args.resolution, args.threads, args.repeats]) < 1:
         parser.error("--batch-size, --resolution, --threads and --repeats must be at least 1")
     ort = require("onnxruntime")
+    started = time.perf_counter()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
@@ -115,6 +121,7 @@ def main() -> None:
             # One PyTorch figure per model: on the row of the first formulation.
             pytorch = cells(torch_s, (name, "–", b)) if formulation in ("–", args.formulations[0]) else "– | –"
             print(f"| {name} | {formulation} | {b} | {cells(onnx_s, key)} | {pytorch} |")
+    print(f"\n{time.perf_counter() - started:.0f} s in all")
 
 
 if __name__ == "__main__":

@@ -8,20 +8,26 @@ output (B, G*K*K, Ho, Wo); group g covers channels [g*C/G, (g+1)*C/G), as in
 ``Slice`` of the padded input whose bounds are counted from the ends, never from a fixed size.
 
 ONNX Runtime runs every operator over its whole input and writes its whole output, so an
-involution costs what its operators move through memory: K*K taps, each a Slice, a Mul and an
-addition over a tensor as large as the input. Measured on a 2-core CPU (``scripts/bench_onnx.py
---formulations``, README "Deploy"):
+involution costs what its operators move through memory: K*K taps, each a copy (Slice), a Mul and
+an addition over a tensor as large as the input, where PyTorch's ``shift`` does one fused,
+cache-sized multiply-add per tap. Two things in ONNX Runtime 1.32's CPU kernels shape the choice:
+Slice and the variadic Sum run on one thread, and Mul/Add split across threads. The
+formulations, compared by ``scripts/bench_onnx.py --formulations`` (README, "Deploy"):
 
-* ``shift``: K*K shifted Mul/Add over the whole batch: every pass streams the whole activation
-  from main memory (0.4x ResNet-50's images/s for RedNet-26 at batch 8, as the issue measured).
-* ``unfold``: the K*K taps concatenated, one Mul, one ReduceSum: fewer operators, but the
-  concatenated taps are K*K times the input.
-* ``rows``: taps concatenated per kernel row, one Mul and one ReduceSum per row.
-* ``onehot``: a depthwise convolution with fixed one-hot kernels gives the unfolded taps in one
-  operator, then Mul and ReduceSum; the convolution does K*K times the useful multiply-adds.
-* ``loop`` (the default, fastest): the ``shift`` taps, summed per kernel row with one ``Sum``, inside
-  an ONNX ``Loop`` over chunks of a few (sample, group) pairs. A chunk's input, taps and
-  products stay in the CPU's caches, where ``shift`` streams each tap through main memory.
+* ``shift``: K*K shifted Slice/Mul/Add over the whole batch. Every pass streams the whole
+  activation through main memory (the issue measured 0.39x ResNet-50's images/s for RedNet-26).
+* ``unfold``: the K*K taps concatenated, then one Mul and one ReduceSum: fewer operators, but
+  the concatenated taps are K*K times the input.
+* ``rows``: the same per kernel row (K taps concatenated, one Mul and one ReduceSum).
+* ``onehot``: a depthwise Conv with fixed one-hot kernels unfolds the input in one operator, then
+  Mul and ReduceSum. The Conv does K*K times the useful multiply-adds, but on all threads.
+* ``loop``: the ``shift`` taps inside an ONNX ``Loop`` over chunks of a few (sample, group) pairs,
+  so that a chunk's input, taps and running sum stay in the CPU's caches.
+* ``flat``: as ``loop``, with each tap one contiguous run per channel: the padded chunk is
+  flattened row by row, so tap (u, v) is the 1-D slice starting u*Wq + v (a 2-D slice copies one
+  image row at a time, and a strided one element by element; a stride s first splits the chunk
+  into its s*s phase images).
+* ``auto`` (the default): ``flat`` for 7x7 kernels, ``onehot`` for 3x3 ones (the stem).
 """
 
 from __future__ import annotations
@@ -34,9 +40,9 @@ DOMAIN = "rednet"  # the placeholder's operator domain, gone from the finished f
 OP_TYPE = "Involution"
 _END = np.iinfo(np.int64).max  # a Slice end meaning "to the end of the axis"
 
-# A Loop chunk holds about this many input elements (a few hundred KiB of float32): the chunk, its
-# padded copy, a tap and a running sum then fit in a core's L2 cache. Measured on RedNet-26's
-# involutions at batch 8: 2^15 and whole (sample, group) pairs ran alike, 2^17 1.2-1.4x slower.
+# A Loop chunk holds about this many input elements (128 KiB of float32), so that the chunk, its
+# padded copy, a tap and the running sum fit in a core's L2 cache. Measured on RedNet-26's
+# involutions at batch 8 (flat): 2^15 and 2^16 alike, 2^14 1.1x and 2^17 1.9x slower.
 CHUNK_ELEMENTS = 1 << 15
 
 
