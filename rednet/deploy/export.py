@@ -227,7 +227,9 @@ def export_checkpoint(cfg, ckpt: dict) -> Path:
         raise DeployError(f"checkpoint {cfg.ckpt} has no classifier (head.fc.weight); export needs a whole model")
     num_classes = head.shape[0]
     d = cfg.data
-    model = build_model(cfg.model, num_classes, d.in_chans, d.image_size)
+    # The fused generator (model.fused_generator) is a Triton operator with no ONNX counterpart; the
+    # same weights run unfused, which is what the file computes and what it is checked against.
+    model = build_model(OmegaConf.merge(cfg.model, {"fused_generator": False}), num_classes, d.in_chans, d.image_size)
     load_weights(model, ckpt, name=str(cfg.ckpt))
     meta = {"model": cfg.model.name, "class_names": ckpt.get("class_names"), "num_classes": num_classes,
             "mean": list(d.mean), "std": list(d.std), "checkpoint": str(cfg.ckpt),
