@@ -96,9 +96,13 @@ class Layer(torch.nn.Module):
 
 
 @pytest.mark.parametrize("formulation", sorted(FORMULATIONS) + [DEFAULT])
-def test_every_formulation_computes_involution(formulation):
+def test_every_formulation_computes_involution(formulation, monkeypatch):
     """Each way of writing the operator, alone, against the unfold reference: strides 1 and 2,
-    K = 3 and 7, odd sizes, one and several samples and groups."""
+    K = 3 and 7, odd sizes, one and several samples and groups. Loops get chunks of 3 and 5 (sample,
+    group) pairs for 8 and 12 pairs: several trips, one of them padded."""
+    import rednet.deploy.involution as formulations
+
+    monkeypatch.setattr(formulations, "CHUNK_ELEMENTS", 3000)  # 3000 // (8 channels * 11 * 11) = 3
     torch.manual_seed(0)
     for stride, k, shape in ((1, 7, (2, 32, 9, 11)), (2, 7, (3, 32, 9, 8)), (1, 3, (1, 32, 5, 5))):
         layer = Layer(stride, k).eval()
