@@ -1,4 +1,5 @@
-"""Command-line entry points: ``python train.py ...`` / ``rednet-train`` and ``python eval.py ...`` / ``rednet-eval``.
+"""Command-line entry points: ``python train.py ...`` / ``rednet-train``, ``python eval.py ...`` / ``rednet-eval``
+and ``python export.py ...`` / ``rednet-export``.
 
 A user's mistake (a bad override, a missing dataset, a checkpoint that does not fit) ends with one
 line on stderr and exit status 2, without a traceback. Hydra's own composition errors span several
@@ -199,11 +200,34 @@ def _evaluate(cfg: DictConfig) -> None:
     if not cfg.ckpt:
         raise ConfigError("eval.py needs a checkpoint: ckpt=path/to/best.pt (ours, or an official mmcls file "
                           "with model=...)")
+    if str(cfg.ckpt).endswith(".onnx"):  # an exported file, measured through ONNX Runtime
+        from rednet.deploy.runtime import evaluate_onnx, read_sidecar, require
+
+        require("onnxruntime")
+        info = read_sidecar(cfg.ckpt)
+        cfg = config_for_checkpoint(cfg, info["config"], HydraConfig.get().overrides.task)
+        validate(cfg)
+        evaluate_onnx(cfg, info, HydraConfig.get().runtime.output_dir)
+        return
     ckpt = read_checkpoint(cfg.ckpt)  # once: it can be hundreds of MB
     cfg = config_for_checkpoint(cfg, ckpt.get("config"), HydraConfig.get().overrides.task)
     validate(cfg)
     check_launch(cfg)
     evaluate_checkpoint(cfg, ckpt, HydraConfig.get().runtime.output_dir)
+
+
+@guarded
+def _export(cfg: DictConfig) -> None:
+    from rednet.deploy.export import export_checkpoint
+    from rednet.engine.checkpoint import read_checkpoint
+
+    if not cfg.ckpt:
+        raise ConfigError("export.py needs a checkpoint: ckpt=path/to/best.pt (ours, or an official mmcls file "
+                          "with model=...)")
+    ckpt = read_checkpoint(cfg.ckpt)
+    cfg = config_for_checkpoint(cfg, ckpt.get("config"), HydraConfig.get().overrides.task)
+    validate(cfg)
+    export_checkpoint(cfg, ckpt)
 
 
 def config_for_checkpoint(cfg: DictConfig, saved: dict | None, overrides: list[str]) -> DictConfig:
@@ -246,3 +270,7 @@ def train() -> None:
 
 def evaluate() -> None:
     _main(_evaluate, "eval")
+
+
+def export() -> None:
+    _main(_export, "export")

@@ -120,8 +120,14 @@ class TrainConfig:
     optimized_metric: str = "best.acc1"
 
 
+@dataclass
+class ExportConfig(TrainConfig):
+    out: Optional[str] = None  # export.py: the .onnx to write (null: model.onnx beside the checkpoint)
+
+
 def register_configs() -> None:
     ConfigStore.instance().store(name="train_schema", node=TrainConfig)
+    ConfigStore.instance().store(name="export_schema", node=ExportConfig)
 
 
 CHOICES = {
@@ -201,6 +207,9 @@ def validate(cfg: DictConfig | Any) -> None:
         raise ConfigError(f"optimized_metric={cfg.optimized_metric} needs the EMA of the weights: add trainer.ema=true, "
                           f"or optimise val.{cfg.optimized_metric.split('.')[1]}")
     _validate_involution(cfg.model)
+    out = cfg.get("out")
+    if out is not None and not str(out).endswith(".onnx"):
+        raise ConfigError(f"out={out} must be a path ending in .onnx (the sidecar goes beside it, ending in .json)")
 
 
 def _validate_involution(m) -> None:

@@ -128,17 +128,24 @@ def evaluate_checkpoint(cfg, ckpt: dict, run_dir: str | Path) -> EvalResult:
     result = evaluate(model, loader, device, dtype, list(data.class_names), dist, channels_last,
                       t.limit_val_batches, progress=False, desc="eval")
     if dist.is_main:
-        from torch.utils.tensorboard import SummaryWriter
-
-        run_dir.mkdir(parents=True, exist_ok=True)
-        report = {**result.as_dict(), "checkpoint": str(cfg.ckpt), "model": cfg.model.name, "data": cfg.data.name,
-                  "per_class": result.confusion.per_class()}
-        (run_dir / "metrics.json").write_text(to_json(report))
-        result.confusion.write_csv(run_dir / "confusion_matrix.csv")
-        result.confusion.write_png(run_dir / "confusion_matrix.png")
-        with SummaryWriter(run_dir / "tensorboard") as writer:
-            for key in ("acc1", "acc5", "loss"):
-                writer.add_scalar(f"eval/{key}", getattr(result, key), 0)
-            writer.add_figure("eval/confusion_matrix", result.confusion.figure(), 0, close=True)
-        print(format_report(result, f"{cfg.model.name} on {cfg.data.name} ({cfg.ckpt}); report in {run_dir}"))
+        write_report(result, run_dir, {"checkpoint": str(cfg.ckpt), "model": cfg.model.name, "data": cfg.data.name})
     return result
+
+
+def write_report(result: EvalResult, run_dir: str | Path, info: dict) -> None:
+    """eval.py's report, for a checkpoint and an exported .onnx alike: metrics.json (``info``, the
+    totals and per-class metrics), confusion_matrix.csv/.png and TensorBoard events in ``run_dir``,
+    and a table on stdout. ``info`` names at least the ``checkpoint``, ``model`` and ``data``."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    report = {**result.as_dict(), **info, "per_class": result.confusion.per_class()}
+    (run_dir / "metrics.json").write_text(to_json(report))
+    result.confusion.write_csv(run_dir / "confusion_matrix.csv")
+    result.confusion.write_png(run_dir / "confusion_matrix.png")
+    with SummaryWriter(run_dir / "tensorboard") as writer:
+        for key in ("acc1", "acc5", "loss"):
+            writer.add_scalar(f"eval/{key}", getattr(result, key), 0)
+        writer.add_figure("eval/confusion_matrix", result.confusion.figure(), 0, close=True)
+    print(format_report(result, f"{info['model']} on {info['data']} ({info['checkpoint']}); report in {run_dir}"))
