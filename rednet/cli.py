@@ -1,4 +1,5 @@
-"""Command-line entry points: ``python train.py ...`` / ``rednet-train`` and ``python eval.py ...`` / ``rednet-eval``.
+"""Command-line entry points: ``python train.py ...`` / ``rednet-train``, ``python eval.py ...`` / ``rednet-eval``
+and ``python visualize.py ...`` / ``rednet-visualize``.
 
 A user's mistake (a bad override, a missing dataset, a checkpoint that does not fit) ends with one
 line on stderr and exit status 2, without a traceback. Hydra's own composition errors span several
@@ -149,6 +150,20 @@ def _evaluate(cfg: DictConfig) -> None:
     evaluate_checkpoint(cfg, ckpt, HydraConfig.get().runtime.output_dir)
 
 
+@guarded
+def _visualize(cfg: DictConfig) -> None:
+    from rednet.engine.checkpoint import read_checkpoint
+    from rednet.viz import visualize_checkpoint
+
+    if not cfg.ckpt:
+        raise ConfigError("visualize.py needs a checkpoint: ckpt=path/to/best.pt (ours, or an official mmcls file "
+                          "with model=...)")
+    ckpt = read_checkpoint(cfg.ckpt)
+    cfg = config_for_checkpoint(cfg, ckpt.get("config"), HydraConfig.get().overrides.task)
+    validate(cfg)
+    visualize_checkpoint(cfg, ckpt, HydraConfig.get().runtime.output_dir)
+
+
 def config_for_checkpoint(cfg: DictConfig, saved: dict | None, overrides: list[str]) -> DictConfig:
     """eval.py's config: the checkpoint's model and data, with what the command line names on top.
 
@@ -188,3 +203,7 @@ def train() -> None:
 
 def evaluate() -> None:
     _main(_evaluate, "eval")
+
+
+def visualize() -> None:
+    _main(_visualize, "visualize")

@@ -98,6 +98,7 @@ class TrainerConfig:
     save_every_n_steps: int = 0  # also write last.pt every N steps (0: once per epoch)
     max_bad_steps: int = 0  # skip up to N steps with a non-finite loss before stopping
     progress: str = "auto"  # auto (a bar on a terminal) | bar | none
+    log_kernels: bool = False  # TensorBoard: kernel heat-maps of a few validation images at every validation
 
 
 @dataclass
@@ -112,8 +113,19 @@ class TrainConfig:
     experiment: Optional[str] = None  # the recipe's name, for the record
 
 
+@dataclass
+class VisualizeConfig(TrainConfig):
+    """visualize.py: the model and data come from the checkpoint (``ckpt``), as in eval.py."""
+
+    images: Optional[str] = None  # an image file or a folder of them; null: the first validation images
+    num_images: int = 8  # at most this many images are drawn
+    layers: Any = None  # an involution layer's block name (layer1.2) or a list of them; null: each stage's last
+    point: Optional[list[int]] = None  # [y, x] in image pixels for the kernels at one point; null: the centre
+
+
 def register_configs() -> None:
     ConfigStore.instance().store(name="train_schema", node=TrainConfig)
+    ConfigStore.instance().store(name="visualize_schema", node=VisualizeConfig)
 
 
 CHOICES = {
@@ -177,6 +189,9 @@ def validate(cfg: DictConfig | Any) -> None:
     if list(cfg.sched.milestones) != sorted(set(cfg.sched.milestones)):
         raise ConfigError(f"sched.milestones={list(cfg.sched.milestones)} must be increasing epochs, e.g. [30, 60, 80]")
     _validate_involution(cfg.model)
+    if cfg.trainer.log_kernels and not cfg.model.name.startswith("rednet"):
+        raise ConfigError(f"trainer.log_kernels=true draws involution kernels, and model={cfg.model.name} has none; "
+                          f"use a RedNet model or trainer.log_kernels=false")
 
 
 def _validate_involution(m) -> None:
