@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from rednet.engine.evaluate import evaluate, evaluate_checkpoint, write_misclassified
+from rednet.engine.evaluate import evaluate, write_misclassified
 from rednet.engine.trainer import Trainer
 from rednet.errors import UserError
 from rednet.models import create_model
@@ -248,20 +248,6 @@ def test_no_mistakes_gives_a_note(tmp_path, capsys, digits):
     assert "no mistakes: all 20 images were classified correctly" in capsys.readouterr().out
     assert png_size(path) == (600, 160)  # the note, not a grid
     assert "eval/misclassified" in EventAccumulator(str(tmp_path / "tb")).Reload().Tags()["images"]
-
-
-def test_eval_writes_misclassified_png(tmp_path, digits_ckpt):
-    from rednet.cli import config_for_checkpoint
-    from rednet.engine.checkpoint import read_checkpoint
-
-    overrides = FAST + [f"ckpt={digits_ckpt}", "trainer.limit_val_batches=1"]
-    ckpt = read_checkpoint(digits_ckpt)
-    cfg = config_for_checkpoint(compose_config(overrides, "eval"), ckpt["config"], overrides)
-    result = evaluate_checkpoint(cfg, ckpt, tmp_path)
-    assert result.mistakes and len(result.mistakes) <= 16
-    assert png_size(tmp_path / "misclassified.png")[0] > 500
-    events = EventAccumulator(str(tmp_path / "tensorboard")).Reload()
-    assert "eval/misclassified" in events.Tags()["images"]
 
 
 @pytest.mark.slow
