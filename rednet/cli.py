@@ -9,12 +9,14 @@ lines, so the command line is composed once up front ("preflight") to report the
 from __future__ import annotations
 
 import logging
+import math
 import os
 import sys
 from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from rednet.config import TrainConfig, register_configs, validate
@@ -93,12 +95,27 @@ def preflight(config_name: str, argv: list[str]) -> None:
 
 
 def guarded(task):
-    """Runs ``task(cfg)`` inside Hydra, turning a UserError into one line and exit status 2."""
-    def wrapper(cfg: DictConfig) -> None:
+    """Runs ``task(cfg)`` inside Hydra, turning a UserError into one line and exit status 2.
+
+    In a trial of an Optuna sweep the error is logged as one line and raised on to the sweeper,
+    which records the trial as failed and goes on with the study (up to
+    ``hydra.sweeper.max_failure_rate``); so is a NaN objective, which the sweeper would otherwise
+    crash on. A stop by SIGTERM or Ctrl-C still stops the whole sweep.
+    """
+    def wrapper(cfg: DictConfig):
+        from rednet.engine.distributed import env_from_submitit
+
+        env_from_submitit()
         try:
-            return task(cfg)
+            result = task(cfg)
+            if isinstance(result, float) and math.isnan(result) and _optuna_trial():
+                raise UserError(f"optimized_metric {cfg.optimized_metric} is NaN")
+            return result
         except UserError as e:
             logging.getLogger("rednet").debug("user error", exc_info=True)
+            if _optuna_trial() and e.exit_code == EXIT_USER_ERROR:
+                logging.getLogger("rednet").error(f"trial failed: {one_line(e)}")
+                raise
             fail(one_line(e), e.exit_code)
         finally:
             from rednet.engine.distributed import cleanup
@@ -106,6 +123,32 @@ def guarded(task):
             cleanup()
     wrapper.__name__ = task.__name__
     return wrapper
+
+
+def _optuna_trial() -> bool:
+    hydra_cfg = HydraConfig.get()
+    return hydra_cfg.mode == RunMode.MULTIRUN and hydra_cfg.sweeper._target_.endswith(".OptunaSweeper")
+
+
+# Command-line choices that need a Hydra plugin from an extra: (override prefix, plugin module, what).
+PLUGINS = [("hparams_search=", "hydra_plugins.hydra_optuna_sweeper", "Hydra's Optuna sweeper"),
+           ("hydra/sweeper=optuna", "hydra_plugins.hydra_optuna_sweeper", "Hydra's Optuna sweeper"),
+           ("hydra/launcher=submitit", "hydra_plugins.hydra_submitit_launcher", "Hydra's submitit launcher")]
+
+
+def require_plugins(argv: list[str]) -> None:
+    """One line naming the extra to install, rather than Hydra's 'Could not find ...' of a plugin's config."""
+    import importlib.util
+
+    for arg in argv:
+        for prefix, module, what in PLUGINS:
+            if arg.lstrip("+~").startswith(prefix) and not arg.endswith("=null"):
+                try:
+                    found = importlib.util.find_spec(module) is not None
+                except ImportError:  # hydra_plugins itself is missing, or the module is blocked
+                    found = False
+                if not found:
+                    fail(f"{arg} needs {what}, which is not installed: pip install -e \".[sweep]\"")
 
 
 def check_launch(cfg: DictConfig) -> None:
@@ -127,12 +170,24 @@ def _quiet_other_ranks() -> None:
 
 
 @guarded
-def _train(cfg: DictConfig) -> None:
+def _train(cfg: DictConfig) -> float:
+    """One training run. It returns ``optimized_metric`` from the run's metrics: a sweeper's objective."""
     validate(cfg)
     check_launch(cfg)
     from rednet.engine.trainer import Trainer
+    from rednet.integrations import submitit
 
-    Trainer(cfg, HydraConfig.get().runtime.output_dir).fit()
+    run_dir = HydraConfig.get().runtime.output_dir
+    if cfg.resume is None and (requeued := submitit.requeued_checkpoint(run_dir)) is not None:
+        cfg.resume = str(requeued)
+    with submitit.save_before_requeue():
+        metrics = Trainer(cfg, run_dir).fit()
+    group, key = cfg.optimized_metric.split(".")
+    value = metrics.get(group, {}).get(key)
+    value = float("nan") if value is None else float(value)  # None: no batch was trained
+    if HydraConfig.get().mode == RunMode.MULTIRUN and os.environ.get("RANK", "0") == "0":  # what the sweeper got
+        logging.getLogger("rednet").info(f"returns optimized_metric {cfg.optimized_metric} = {value!r}")
+    return value
 
 
 @guarded
@@ -193,6 +248,7 @@ def config_for_checkpoint(cfg: DictConfig, saved: dict | None, overrides: list[s
 
 def _main(task, config_name: str) -> None:
     _quiet_other_ranks()
+    require_plugins(sys.argv[1:])
     preflight(config_name, sys.argv[1:])
     hydra.main(config_path=CONFIG_DIR, config_name=config_name, version_base="1.3")(task)()
 

@@ -25,6 +25,9 @@ class ModelConfig:
     reduction_ratio: int = 4
     zero_init_residual: bool = True
     drop_path_rate: float = 0.0
+    # RedNet: each involution and its kernel generator's second 1x1 conv as one Triton operator that
+    # never stores the kernel map (same weights). Off by default: unmeasured on the GPU (README Speed).
+    fused_generator: bool = False
     # null: the CIFAR stem (no downsampling) for images of 64 px or less, the ImageNet stem otherwise.
     cifar_stem: Optional[bool] = None
     # Initial weights: one of our checkpoints or an official mmcls release.
@@ -89,8 +92,9 @@ class TrainerConfig:
     grad_clip: Optional[float] = None  # max global grad norm
     ema: bool = False
     ema_decay: float = 0.9998
-    channels_last: bool = False
-    compile: bool = False
+    # auto | true | false; auto picks what measured faster on the device (rednet.engine.precision.AUTO)
+    channels_last: Any = "auto"
+    compile: Any = "auto"
     strategy: str = "single"  # single | ddp (launch with torchrun)
     sync_batchnorm: bool = False  # ddp: convert BatchNorm to SyncBatchNorm
     limit_train_batches: Optional[int] = None  # for smoke tests and profiling
@@ -111,6 +115,8 @@ class TrainConfig:
     resume: Optional[str] = None  # null | auto (the newest last.pt under outputs/) | a path
     ckpt: Optional[str] = None  # eval.py: the checkpoint to evaluate
     experiment: Optional[str] = None  # the recipe's name, for the record
+    # What train.py returns to a sweeper (Optuna's): a key of metrics.json, one of METRICS.
+    optimized_metric: str = "best.acc1"
 
 
 @dataclass
@@ -140,6 +146,11 @@ CHOICES = {
 }
 
 
+# The scalars of metrics.json a sweeper can optimise (val_ema.* needs trainer.ema=true).
+METRICS = ["best.acc1", "val.acc1", "val.acc5", "val.loss", "train.loss", "train.acc1", "train.images_per_s",
+           "val_ema.acc1", "val_ema.acc5", "val_ema.loss"]
+
+
 def validate(cfg: DictConfig | Any) -> None:
     """Checks values that the schema's types cannot, raising ConfigError naming key and fix."""
     from rednet.models import list_models
@@ -164,6 +175,10 @@ def validate(cfg: DictConfig | Any) -> None:
             raise ConfigError(f"{key}={value} must not be negative")
     if not 0 <= cfg.trainer.label_smoothing < 1:
         raise ConfigError(f"trainer.label_smoothing={cfg.trainer.label_smoothing} must be in [0, 1)")
+    for key in ("channels_last", "compile"):
+        value = cfg.trainer[key]
+        if not (isinstance(value, bool) or value == "auto"):
+            raise ConfigError(f"trainer.{key}={value} is not valid; choose one of: auto, true, false")
     if cfg.trainer.grad_clip is not None and cfg.trainer.grad_clip <= 0:
         raise ConfigError(f"trainer.grad_clip={cfg.trainer.grad_clip} must be positive, or null to turn it off")
     if cfg.data.name == "fake" and not (cfg.data.num_classes or 0) >= 1:
@@ -188,6 +203,12 @@ def validate(cfg: DictConfig | Any) -> None:
                           f"at every milestone")
     if list(cfg.sched.milestones) != sorted(set(cfg.sched.milestones)):
         raise ConfigError(f"sched.milestones={list(cfg.sched.milestones)} must be increasing epochs, e.g. [30, 60, 80]")
+    if cfg.optimized_metric not in METRICS:
+        raise ConfigError(f"optimized_metric={cfg.optimized_metric} is not a metric of the run; choose one of: "
+                          f"{', '.join(METRICS)}")
+    if cfg.optimized_metric.startswith("val_ema.") and not cfg.trainer.ema:
+        raise ConfigError(f"optimized_metric={cfg.optimized_metric} needs the EMA of the weights: add trainer.ema=true, "
+                          f"or optimise val.{cfg.optimized_metric.split('.')[1]}")
     _validate_involution(cfg.model)
     if cfg.trainer.log_kernels and not cfg.model.name.startswith("rednet"):
         raise ConfigError(f"trainer.log_kernels=true draws involution kernels, and model={cfg.model.name} has none; "
@@ -199,6 +220,9 @@ def _validate_involution(m) -> None:
     from rednet.models.resnet import STEM_INVOLUTION_CHANNELS as width
 
     if not m.name.startswith("rednet"):
+        if m.fused_generator:
+            raise ConfigError(f"model.fused_generator=true fuses RedNet's involutions, and {m.name} has none; "
+                              f"drop the override or choose a rednet model")
         return  # the ResNet baselines have no involution
     if m.kernel_size < 1 or m.kernel_size % 2 == 0:
         raise ConfigError(f"model.kernel_size={m.kernel_size} must be odd and positive (the involution's padding "

@@ -1,9 +1,11 @@
-"""DDP helpers. torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; without them we are one process."""
+"""DDP helpers. torchrun sets RANK, WORLD_SIZE and LOCAL_RANK (or :func:`env_from_submitit`, in a
+submitit job); without them we are one process."""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import zlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,6 +32,23 @@ def env_info() -> DistInfo:
     """What torchrun (or srun + torchrun) told this process, before any process group exists."""
     return DistInfo(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
                     int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def env_from_submitit() -> None:
+    """Inside a job that submitit launched (``hydra/launcher=submitit_*``), sets what torchrun would
+    have: RANK, WORLD_SIZE and LOCAL_RANK from the job's tasks (SLURM_PROCID, SLURM_NTASKS and
+    SLURM_LOCALID on SLURM, read through submitit), MASTER_ADDR (the job's first node) and
+    MASTER_PORT (derived from the job id, so that every task agrees and jobs sharing a node do not
+    collide). Variables already set win: torchrun inside a job, or a MASTER_PORT of your own.
+    """
+    if not os.environ.get("SUBMITIT_EXECUTOR") or "RANK" in os.environ:
+        return
+    import submitit
+
+    job = submitit.JobEnvironment()
+    os.environ.update(RANK=str(job.global_rank), WORLD_SIZE=str(job.num_tasks), LOCAL_RANK=str(job.local_rank))
+    os.environ.setdefault("MASTER_ADDR", job.hostnames[0] if job.num_nodes > 1 else "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(20000 + zlib.crc32(job.job_id.encode()) % 20000))
 
 
 def init_distributed(device: torch.device) -> DistInfo:

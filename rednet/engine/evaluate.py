@@ -141,7 +141,7 @@ def evaluate_checkpoint(cfg, ckpt: dict, run_dir: str | Path) -> EvalResult:
     ``run_dir``."""
     from rednet.data import build_datamodule
     from rednet.engine import distributed
-    from rednet.engine.precision import resolve_device, resolve_precision
+    from rednet.engine.precision import resolve_auto, resolve_device, resolve_precision
     from rednet.errors import CheckpointError
     from rednet.models import build_model, load_weights
     from rednet.models.weights import state_dict_of
@@ -151,6 +151,7 @@ def evaluate_checkpoint(cfg, ckpt: dict, run_dir: str | Path) -> EvalResult:
     dist = distributed.init_distributed(device) if t.strategy == "ddp" else distributed.DistInfo()
     run_dir = Path(distributed.broadcast_object(str(run_dir), dist))
     dtype = resolve_precision(t.precision, device)
+    channels_last = resolve_auto("channels_last", t.channels_last, device)
     with distributed.main_first(dist):
         data = build_datamodule(cfg.data)
     head = state_dict_of(ckpt).get("head.fc.weight")
@@ -162,12 +163,12 @@ def evaluate_checkpoint(cfg, ckpt: dict, run_dir: str | Path) -> EvalResult:
     model = build_model(cfg.model, data.num_classes, data.in_chans, data.image_size)
     load_weights(model, ckpt, name=str(cfg.ckpt))
     model.to(device)
-    if t.channels_last:
+    if channels_last:
         model.to(memory_format=torch.channels_last)
     if cfg.data.batch_size % dist.world_size:
         raise CheckpointError(f"data.batch_size={cfg.data.batch_size} does not divide across {dist.world_size} processes")
     loader = data.val_loader(cfg.data.batch_size // dist.world_size, dist.rank, dist.world_size)
-    result = evaluate(model, loader, device, dtype, list(data.class_names), dist, t.channels_last,
+    result = evaluate(model, loader, device, dtype, list(data.class_names), dist, channels_last,
                       t.limit_val_batches, progress=False, desc="eval", keep_mistakes=MISCLASSIFIED_SHOWN)
     if dist.is_main:
         from torch.utils.tensorboard import SummaryWriter

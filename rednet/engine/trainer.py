@@ -30,7 +30,7 @@ from rednet.engine.checkpoint import read_checkpoint, save_checkpoint
 from rednet.engine.ema import ModelEma
 from rednet.engine.evaluate import EvalResult, check_class_names, evaluate
 from rednet.engine.optim import build_optimizer, build_scheduler
-from rednet.engine.precision import autocast, make_scaler, resolve_device, resolve_precision
+from rednet.engine.precision import autocast, make_scaler, resolve_auto, resolve_device, resolve_precision
 from rednet.errors import CheckpointError, ConfigError, UserError
 from rednet.metrics import to_json, topk_correct
 from rednet.models import build_model, load_weights
@@ -112,6 +112,10 @@ class Trainer:
         self.cfg = cfg
         t = cfg.trainer
         self.device = resolve_device(t.device, distributed.env_info().local_rank)
+        if t.strategy == "ddp" and t.sync_batchnorm and self.device.type != "cuda":
+            # PyTorch's SyncBatchNorm raises in its first training forward on any other device.
+            raise ConfigError(f"trainer.sync_batchnorm=true needs CUDA: PyTorch's SyncBatchNorm does not run on "
+                              f"the {self.device.type}; set trainer.sync_batchnorm=false")
         self.dist = distributed.init_distributed(self.device) if t.strategy == "ddp" else distributed.DistInfo()
         # Every rank resolved ${now:...} by itself; rank 0's folder is the run's.
         self.run_dir = Path(distributed.broadcast_object(str(run_dir), self.dist))
@@ -120,6 +124,8 @@ class Trainer:
                               f"{self.dist.world_size} processes; use a multiple of {self.dist.world_size}")
         self.batch_per_rank = cfg.data.batch_size // self.dist.world_size
         self.dtype = resolve_precision(t.precision, self.device)
+        self.channels_last = resolve_auto("channels_last", t.channels_last, self.device)
+        self.compile = resolve_auto("compile", t.compile, self.device)
         seed_everything(t.seed + self.dist.rank, t.deterministic)
 
         with distributed.main_first(self.dist):  # one download, not one per rank
@@ -139,11 +145,11 @@ class Trainer:
         if self.dist.enabled and t.sync_batchnorm:  # before the DDP wrap, which then syncs the statistics
             self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
         self.model.to(self.device)
-        if t.channels_last:
+        if self.channels_last:
             self.model.to(memory_format=torch.channels_last)
         self.ema = ModelEma(self.model, t.ema_decay) if t.ema else None
         # dynamic=False: see scripts/bench_models.py; input shapes are fixed within a run anyway.
-        self.train_model = torch.compile(self.model, dynamic=False) if t.compile else self.model
+        self.train_model = torch.compile(self.model, dynamic=False) if self.compile else self.model
         if self.dist.enabled:
             self.train_model = nn.parallel.DistributedDataParallel(
                 self.train_model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
@@ -174,7 +180,8 @@ class Trainer:
         t = self.cfg.trainer
         self.log(f"{self.cfg.model.name}: {sum(p.numel() for p in self.model.parameters()) / 1e6:.2f}M params, "
                  f"{self.data.num_classes} classes, {len(self.data.train_set)} train / {len(self.data.val_set)} val "
-                 f"images, device {self.device}, precision {self.dtype or torch.float32}, "
+                 f"images, device {self.device}, precision {self.dtype or torch.float32}, channels_last "
+                 f"{self.channels_last}, compile {self.compile}, "
                  f"{self.dist.world_size} process(es), run folder {self.run_dir}")
         with self.stop_on_signals():
             while self.epoch < t.max_epochs:
@@ -224,7 +231,7 @@ class Trainer:
         while self.batch_in_epoch < self.steps_per_epoch:
             images, target = next(batches)
             images = images.to(self.device, non_blocking=True)
-            if t.channels_last:
+            if self.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
             target = target.to(self.device, non_blocking=True)
             with autocast(self.device, self.dtype):
@@ -325,11 +332,11 @@ class Trainer:
         if self.ema is not None:
             distributed.broadcast_buffers(self.ema, self.dist)
         result = evaluate(self.model, self.val_loader, self.device, self.dtype, self.class_names, self.dist,
-                          t.channels_last, t.limit_val_batches, self.show_progress)
+                          self.channels_last, t.limit_val_batches, self.show_progress)
         self.last_confusion = result.confusion
         if self.ema is not None:
             self.ema_result = evaluate(self.ema.module, self.val_loader, self.device, self.dtype, self.class_names,
-                                       self.dist, t.channels_last, t.limit_val_batches, self.show_progress, "val ema")
+                                       self.dist, self.channels_last, t.limit_val_batches, self.show_progress, "val ema")
         return result
 
     # -- records ------------------------------------------------------------------------------
@@ -431,6 +438,10 @@ class Trainer:
             raise CheckpointError(f"{path}: its optimizer state does not fit optim={self.cfg.optim.name} ({e!r}); "
                                   f"resume with the optim settings it was trained with") from None
         self.scheduler.load_state_dict(ckpt["scheduler"])
+        # The optimizer state holds the lr of the schedule it was saved under; with a longer
+        # trainer.max_epochs the schedule is stretched, so the next step's lr is recomputed from it.
+        for group, base_lr, factor in zip(self.optimizer.param_groups, self.scheduler.base_lrs, self.scheduler.lr_lambdas):
+            group["lr"] = base_lr * factor(self.scheduler.last_epoch)
         self.scaler.load_state_dict(ckpt["scaler"])
         if self.ema is not None and ckpt.get("ema") is not None:
             self.ema.load_state_dict(ckpt["ema"])
