@@ -1,5 +1,5 @@
 """Command-line entry points: ``python train.py ...`` / ``rednet-train``, ``python eval.py ...`` / ``rednet-eval``
-and ``python export.py ...`` / ``rednet-export``.
+``python export.py ...`` / ``rednet-export`` and ``python visualize.py ...`` / ``rednet-visualize``.
 
 A user's mistake (a bad override, a missing dataset, a checkpoint that does not fit) ends with one
 line on stderr and exit status 2, without a traceback. Hydra's own composition errors span several
@@ -192,14 +192,28 @@ def _train(cfg: DictConfig) -> float:
     return value
 
 
+def require_ckpt(cfg: DictConfig, script: str) -> None:
+    if not cfg.ckpt:
+        raise ConfigError(f"{script} needs a checkpoint: ckpt=path/to/best.pt (ours, or an official mmcls file "
+                          f"with model=...)")
+
+
+def checkpoint_and_config(cfg: DictConfig) -> tuple[dict, DictConfig]:
+    """The checkpoint ``ckpt=`` names, read once (it can be hundreds of MB), and the validated
+    config for it: its model and data, with the command line's on top (:func:`config_for_checkpoint`)."""
+    from rednet.engine.checkpoint import read_checkpoint
+
+    ckpt = read_checkpoint(cfg.ckpt)
+    cfg = config_for_checkpoint(cfg, ckpt.get("config"), HydraConfig.get().overrides.task)
+    validate(cfg)
+    return ckpt, cfg
+
+
 @guarded
 def _evaluate(cfg: DictConfig) -> None:
-    from rednet.engine.checkpoint import read_checkpoint
     from rednet.engine.evaluate import evaluate_checkpoint
 
-    if not cfg.ckpt:
-        raise ConfigError("eval.py needs a checkpoint: ckpt=path/to/best.pt (ours, or an official mmcls file "
-                          "with model=...)")
+    require_ckpt(cfg, "eval.py")
     if str(cfg.ckpt).endswith(".onnx"):  # an exported file, measured through ONNX Runtime
         from rednet.deploy.runtime import evaluate_onnx, read_sidecar, require
 
@@ -209,9 +223,7 @@ def _evaluate(cfg: DictConfig) -> None:
         validate(cfg)
         evaluate_onnx(cfg, info, HydraConfig.get().runtime.output_dir)
         return
-    ckpt = read_checkpoint(cfg.ckpt)  # once: it can be hundreds of MB
-    cfg = config_for_checkpoint(cfg, ckpt.get("config"), HydraConfig.get().overrides.task)
-    validate(cfg)
+    ckpt, cfg = checkpoint_and_config(cfg)
     check_launch(cfg)
     evaluate_checkpoint(cfg, ckpt, HydraConfig.get().runtime.output_dir)
 
@@ -219,15 +231,19 @@ def _evaluate(cfg: DictConfig) -> None:
 @guarded
 def _export(cfg: DictConfig) -> None:
     from rednet.deploy.export import export_checkpoint
-    from rednet.engine.checkpoint import read_checkpoint
 
-    if not cfg.ckpt:
-        raise ConfigError("export.py needs a checkpoint: ckpt=path/to/best.pt (ours, or an official mmcls file "
-                          "with model=...)")
-    ckpt = read_checkpoint(cfg.ckpt)
-    cfg = config_for_checkpoint(cfg, ckpt.get("config"), HydraConfig.get().overrides.task)
-    validate(cfg)
+    require_ckpt(cfg, "export.py")
+    ckpt, cfg = checkpoint_and_config(cfg)
     export_checkpoint(cfg, ckpt)
+
+
+@guarded
+def _visualize(cfg: DictConfig) -> None:
+    from rednet.viz import visualize_checkpoint
+
+    require_ckpt(cfg, "visualize.py")
+    ckpt, cfg = checkpoint_and_config(cfg)
+    visualize_checkpoint(cfg, ckpt, HydraConfig.get().runtime.output_dir)
 
 
 def config_for_checkpoint(cfg: DictConfig, saved: dict | None, overrides: list[str]) -> DictConfig:
@@ -274,3 +290,7 @@ def evaluate() -> None:
 
 def export() -> None:
     _main(_export, "export")
+
+
+def visualize() -> None:
+    _main(_visualize, "visualize")

@@ -103,6 +103,7 @@ class TrainerConfig:
     save_every_n_steps: int = 0  # also write last.pt every N steps (0: once per epoch)
     max_bad_steps: int = 0  # skip up to N steps with a non-finite loss before stopping
     progress: str = "auto"  # auto (a bar on a terminal) | bar | none
+    log_kernels: bool = False  # TensorBoard: kernel heat-maps of a few validation images at every validation
 
 
 @dataclass
@@ -125,9 +126,20 @@ class ExportConfig(TrainConfig):
     out: Optional[str] = None  # export.py: the .onnx to write (null: model.onnx beside the checkpoint)
 
 
+@dataclass
+class VisualizeConfig(TrainConfig):
+    """visualize.py: the model and data come from the checkpoint (``ckpt``), as in eval.py."""
+
+    images: Optional[str] = None  # an image file or a folder of them; null: the first validation images
+    num_images: int = 8  # at most this many images are drawn
+    layers: Any = None  # an involution layer's block name (layer1.2) or a list of them; null: each stage's last
+    point: Optional[list[int]] = None  # [y, x] in image pixels for the kernels at one point; null: the centre
+
+
 def register_configs() -> None:
     ConfigStore.instance().store(name="train_schema", node=TrainConfig)
     ConfigStore.instance().store(name="export_schema", node=ExportConfig)
+    ConfigStore.instance().store(name="visualize_schema", node=VisualizeConfig)
 
 
 CHOICES = {
@@ -210,6 +222,9 @@ def validate(cfg: DictConfig | Any) -> None:
     out = cfg.get("out")
     if out is not None and not str(out).endswith(".onnx"):
         raise ConfigError(f"out={out} must be a path ending in .onnx (the sidecar goes beside it, ending in .json)")
+    if cfg.trainer.log_kernels and not cfg.model.name.startswith("rednet"):
+        raise ConfigError(f"trainer.log_kernels=true draws involution kernels, and model={cfg.model.name} has none; "
+                          f"use a RedNet model or trainer.log_kernels=false")
 
 
 def _validate_involution(m) -> None:

@@ -100,7 +100,7 @@ def evaluate_onnx(cfg, info: dict, run_dir: str | Path):
     """``eval.py ckpt=model.onnx``: evaluates the file through ONNX Runtime on ``cfg.data``'s
     validation split and writes eval.py's report into ``run_dir``."""
     from rednet.data import build_datamodule
-    from rednet.engine.evaluate import check_class_names, evaluate, write_report
+    from rednet.engine.evaluate import MISCLASSIFIED_SHOWN, check_class_names, evaluate, write_report
 
     if cfg.trainer.strategy != "single":
         raise DeployError(f"an .onnx file is evaluated in one process; drop trainer={cfg.trainer.strategy}")
@@ -115,7 +115,7 @@ def evaluate_onnx(cfg, info: dict, run_dir: str | Path):
     model = OnnxClassifier(cfg.ckpt)
     loader = data.val_loader(cfg.data.batch_size)
     result = evaluate(model, loader, torch.device("cpu"), None, list(data.class_names),
-                      limit_batches=cfg.trainer.limit_val_batches, desc="eval")
+                      limit_batches=cfg.trainer.limit_val_batches, desc="eval", keep_mistakes=MISCLASSIFIED_SHOWN)
     write_report(result, run_dir, {"checkpoint": str(cfg.ckpt), "runtime": "onnxruntime", "model": info["model"],
-                                   "data": cfg.data.name})
+                                   "data": cfg.data.name}, cfg.data)
     return result

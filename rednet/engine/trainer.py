@@ -382,6 +382,10 @@ class Trainer:
             w.add_scalar("perf/epoch_time_s", train["epoch_time_s"], self.epoch)
             fig = val.confusion.figure()
             w.add_figure("val/confusion_matrix", fig, self.epoch, close=True)
+            if self.cfg.trainer.log_kernels:
+                from rednet.viz import log_kernel_heatmaps
+
+                log_kernel_heatmaps(w, self.model, self.data, self.cfg.data, self.epoch)
             w.flush()
 
     def write_metrics(self) -> None:
