@@ -1,4 +1,5 @@
-"""Command-line entry points: ``python train.py ...`` / ``rednet-train`` and ``python eval.py ...`` / ``rednet-eval``.
+"""Command-line entry points: ``python train.py ...`` / ``rednet-train``, ``python eval.py ...`` / ``rednet-eval``
+``python export.py ...`` / ``rednet-export`` and ``python visualize.py ...`` / ``rednet-visualize``.
 
 A user's mistake (a bad override, a missing dataset, a checkpoint that does not fit) ends with one
 line on stderr and exit status 2, without a traceback. Hydra's own composition errors span several
@@ -8,6 +9,7 @@ lines, so the command line is composed once up front ("preflight") to report the
 from __future__ import annotations
 
 import logging
+import math
 import os
 import re
 import signal
@@ -16,6 +18,7 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from rednet.config import TrainConfig, check_keys, did_you_mean, register_configs, validate
@@ -43,7 +46,9 @@ def one_line(error: BaseException) -> str:
 
 
 def fail(message: str, exit_code: int = EXIT_USER_ERROR) -> None:
-    print(f"error: {message}", file=sys.stderr)
+    # One write, so that the lines of several DDP ranks sharing a terminal or log never interleave.
+    sys.stderr.write(f"error: {message}\n")
+    sys.stderr.flush()
     sys.exit(exit_code)
 
 
@@ -131,13 +136,28 @@ def log_to_file(message: str, exc_info=None) -> None:
 
 
 def guarded(task):
-    """Runs ``task(cfg)`` inside Hydra, turning a UserError into one line and exit status 2."""
-    def wrapper(cfg: DictConfig) -> None:
+    """Runs ``task(cfg)`` inside Hydra, turning a UserError into one line and exit status 2.
+
+    In a trial of an Optuna sweep the error is logged as one line and raised on to the sweeper,
+    which records the trial as failed and goes on with the study (up to
+    ``hydra.sweeper.max_failure_rate``); so is a NaN objective, which the sweeper would otherwise
+    crash on. A stop by SIGTERM or Ctrl-C still stops the whole sweep.
+    """
+    def wrapper(cfg: DictConfig):
+        from rednet.engine.distributed import env_from_submitit
+
+        env_from_submitit()
         try:
-            return task(cfg)
+            result = task(cfg)
+            if isinstance(result, float) and math.isnan(result) and _optuna_trial():
+                raise UserError(f"optimized_metric {cfg.optimized_metric} is NaN")
+            return result
         except UserError as e:
             logging.getLogger("rednet").debug("user error", exc_info=True)
             log_to_file(f"error: {one_line(e)}")
+            if _optuna_trial() and e.exit_code == EXIT_USER_ERROR:
+                logging.getLogger("rednet").error(f"trial failed: {one_line(e)}")
+                raise
             fail(one_line(e), e.exit_code)
         except KeyboardInterrupt:  # Ctrl-C before training started (the trainer handles it from then on)
             message = "interrupted by Ctrl-C; nothing was saved"
@@ -152,6 +172,32 @@ def guarded(task):
             cleanup()
     wrapper.__name__ = task.__name__
     return wrapper
+
+
+def _optuna_trial() -> bool:
+    hydra_cfg = HydraConfig.get()
+    return hydra_cfg.mode == RunMode.MULTIRUN and hydra_cfg.sweeper._target_.endswith(".OptunaSweeper")
+
+
+# Command-line choices that need a Hydra plugin from an extra: (override prefix, plugin module, what).
+PLUGINS = [("hparams_search=", "hydra_plugins.hydra_optuna_sweeper", "Hydra's Optuna sweeper"),
+           ("hydra/sweeper=optuna", "hydra_plugins.hydra_optuna_sweeper", "Hydra's Optuna sweeper"),
+           ("hydra/launcher=submitit", "hydra_plugins.hydra_submitit_launcher", "Hydra's submitit launcher")]
+
+
+def require_plugins(argv: list[str]) -> None:
+    """One line naming the extra to install, rather than Hydra's 'Could not find ...' of a plugin's config."""
+    import importlib.util
+
+    for arg in argv:
+        for prefix, module, what in PLUGINS:
+            if arg.lstrip("+~").startswith(prefix) and not arg.endswith("=null"):
+                try:
+                    found = importlib.util.find_spec(module) is not None
+                except ImportError:  # hydra_plugins itself is missing, or the module is blocked
+                    found = False
+                if not found:
+                    fail(f"{arg} needs {what}, which is not installed: pip install -e \".[sweep]\"")
 
 
 def check_launch(cfg: DictConfig) -> None:
@@ -173,27 +219,78 @@ def _quiet_other_ranks() -> None:
 
 
 @guarded
-def _train(cfg: DictConfig) -> None:
+def _train(cfg: DictConfig) -> float:
+    """One training run. It returns ``optimized_metric`` from the run's metrics: a sweeper's objective."""
     validate(cfg)
     check_launch(cfg)
     from rednet.engine.trainer import Trainer
+    from rednet.integrations import submitit
 
-    Trainer(cfg, HydraConfig.get().runtime.output_dir).fit()
+    run_dir = HydraConfig.get().runtime.output_dir
+    if cfg.resume is None and submitit.in_job():  # a requeued job runs again in its run folder
+        cfg.resume = "if_exists"
+    with submitit.save_before_requeue():
+        metrics = Trainer(cfg, run_dir).fit()
+    group, key = cfg.optimized_metric.split(".")
+    value = metrics.get(group, {}).get(key)
+    value = float("nan") if value is None else float(value)  # None: no batch was trained
+    if HydraConfig.get().mode == RunMode.MULTIRUN and os.environ.get("RANK", "0") == "0":  # what the sweeper got
+        logging.getLogger("rednet").info(f"returns optimized_metric {cfg.optimized_metric} = {value!r}")
+    return value
+
+
+def require_ckpt(cfg: DictConfig, script: str) -> None:
+    if not cfg.ckpt:
+        raise ConfigError(f"{script} needs a checkpoint: ckpt=path/to/best.pt (ours, or an official mmcls file "
+                          f"with model=...)")
+
+
+def checkpoint_and_config(cfg: DictConfig) -> tuple[dict, DictConfig]:
+    """The checkpoint ``ckpt=`` names, read once (it can be hundreds of MB), and the validated
+    config for it: its model and data, with the command line's on top (:func:`config_for_checkpoint`)."""
+    from rednet.engine.checkpoint import read_checkpoint
+
+    ckpt = read_checkpoint(cfg.ckpt)
+    cfg = config_for_checkpoint(cfg, ckpt.get("config"), HydraConfig.get().overrides.task)
+    validate(cfg)
+    return ckpt, cfg
 
 
 @guarded
 def _evaluate(cfg: DictConfig) -> None:
-    from rednet.engine.checkpoint import read_checkpoint
     from rednet.engine.evaluate import evaluate_checkpoint
 
-    if not cfg.ckpt:
-        raise ConfigError("eval.py needs a checkpoint: ckpt=path/to/best.pt (ours, or an official mmcls file "
-                          "with model=...)")
-    ckpt = read_checkpoint(cfg.ckpt)  # once: it can be hundreds of MB
-    cfg = config_for_checkpoint(cfg, ckpt.get("config"), HydraConfig.get().overrides.task)
-    validate(cfg)
+    require_ckpt(cfg, "eval.py")
+    if str(cfg.ckpt).endswith(".onnx"):  # an exported file, measured through ONNX Runtime
+        from rednet.deploy.runtime import evaluate_onnx, read_sidecar, require
+
+        require("onnxruntime")
+        info = read_sidecar(cfg.ckpt)
+        cfg = config_for_checkpoint(cfg, info["config"], HydraConfig.get().overrides.task)
+        validate(cfg)
+        evaluate_onnx(cfg, info, HydraConfig.get().runtime.output_dir)
+        return
+    ckpt, cfg = checkpoint_and_config(cfg)
     check_launch(cfg)
     evaluate_checkpoint(cfg, ckpt, HydraConfig.get().runtime.output_dir)
+
+
+@guarded
+def _export(cfg: DictConfig) -> None:
+    from rednet.deploy.export import export_checkpoint
+
+    require_ckpt(cfg, "export.py")
+    ckpt, cfg = checkpoint_and_config(cfg)
+    export_checkpoint(cfg, ckpt)
+
+
+@guarded
+def _visualize(cfg: DictConfig) -> None:
+    from rednet.viz import visualize_checkpoint
+
+    require_ckpt(cfg, "visualize.py")
+    ckpt, cfg = checkpoint_and_config(cfg)
+    visualize_checkpoint(cfg, ckpt, HydraConfig.get().runtime.output_dir)
 
 
 def config_for_checkpoint(cfg: DictConfig, saved: dict | None, overrides: list[str]) -> DictConfig:
@@ -225,6 +322,7 @@ def config_for_checkpoint(cfg: DictConfig, saved: dict | None, overrides: list[s
 
 def _main(task, config_name: str) -> None:
     _quiet_other_ranks()
+    require_plugins(sys.argv[1:])
     preflight(config_name, sys.argv[1:])
     hydra.main(config_path=CONFIG_DIR, config_name=config_name, version_base="1.3")(task)()
 
@@ -235,3 +333,11 @@ def train() -> None:
 
 def evaluate() -> None:
     _main(_evaluate, "eval")
+
+
+def export() -> None:
+    _main(_export, "export")
+
+
+def visualize() -> None:
+    _main(_visualize, "visualize")

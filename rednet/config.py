@@ -26,6 +26,9 @@ class ModelConfig:
     reduction_ratio: int = 4
     zero_init_residual: bool = True
     drop_path_rate: float = 0.0
+    # RedNet: each involution and its kernel generator's second 1x1 conv as one Triton operator that
+    # never stores the kernel map (same weights). Off by default: unmeasured on the GPU (README Speed).
+    fused_generator: bool = False
     # null: the CIFAR stem (no downsampling) for images of 64 px or less, the ImageNet stem otherwise.
     cifar_stem: Optional[bool] = None
     # Initial weights: one of our checkpoints or an official mmcls release.
@@ -90,15 +93,18 @@ class TrainerConfig:
     grad_clip: Optional[float] = None  # max global grad norm
     ema: bool = False
     ema_decay: float = 0.9998
-    channels_last: bool = False
-    compile: bool = False
+    # auto | true | false; auto picks what measured faster on the device (rednet.engine.precision.AUTO)
+    channels_last: Any = "auto"
+    compile: Any = "auto"
     strategy: str = "single"  # single | ddp (launch with torchrun)
     sync_batchnorm: bool = False  # ddp: convert BatchNorm to SyncBatchNorm
+    ddp_timeout_s: int = 1800  # ddp: the longest any process waits for the others (a dead or hung one)
     limit_train_batches: Optional[int] = None  # for smoke tests and profiling
     limit_val_batches: Optional[int] = None
     save_every_n_steps: int = 0  # also write last.pt every N steps (0: once per epoch)
     max_bad_steps: int = 0  # skip up to N steps with a non-finite loss before stopping
     progress: str = "auto"  # auto (a bar on a terminal) | bar | none
+    log_kernels: bool = False  # TensorBoard: kernel heat-maps of a few validation images at every validation
 
 
 @dataclass
@@ -108,13 +114,33 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     sched: SchedConfig = field(default_factory=SchedConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
-    resume: Optional[str] = None  # null | auto (the newest last.pt under outputs/) | a path
+    # null | auto (the newest last.pt under outputs/) | if_exists (this run folder's last.pt, if any) | a path
+    resume: Optional[str] = None
     ckpt: Optional[str] = None  # eval.py: the checkpoint to evaluate
     experiment: Optional[str] = None  # the recipe's name, for the record
+    # What train.py returns to a sweeper (Optuna's): a key of metrics.json, one of METRICS.
+    optimized_metric: str = "best.acc1"
+
+
+@dataclass
+class ExportConfig(TrainConfig):
+    out: Optional[str] = None  # export.py: the .onnx to write (null: model.onnx beside the checkpoint)
+
+
+@dataclass
+class VisualizeConfig(TrainConfig):
+    """visualize.py: the model and data come from the checkpoint (``ckpt``), as in eval.py."""
+
+    images: Optional[str] = None  # an image file or a folder of them; null: the first validation images
+    num_images: int = 8  # at most this many images are drawn
+    layers: Any = None  # an involution layer's block name (layer1.2) or a list of them; null: each stage's last
+    point: Optional[list[int]] = None  # [y, x] in image pixels for the kernels at one point; null: the centre
 
 
 def register_configs() -> None:
     ConfigStore.instance().store(name="train_schema", node=TrainConfig)
+    ConfigStore.instance().store(name="export_schema", node=ExportConfig)
+    ConfigStore.instance().store(name="visualize_schema", node=VisualizeConfig)
 
 
 CHOICES = {
@@ -170,6 +196,11 @@ def check_keys(cfg: DictConfig) -> None:
     walk(cfg, OmegaConf.structured(TrainConfig), "")
 
 
+# The scalars of metrics.json a sweeper can optimise (val_ema.* needs trainer.ema=true).
+METRICS = ["best.acc1", "val.acc1", "val.acc5", "val.loss", "train.loss", "train.acc1", "train.images_per_s",
+           "val_ema.acc1", "val_ema.acc5", "val_ema.loss"]
+
+
 def validate(cfg: DictConfig | Any) -> None:
     """Checks values that the schema's types cannot, raising ConfigError naming key and fix."""
     from rednet.models import list_models
@@ -182,6 +213,7 @@ def validate(cfg: DictConfig | Any) -> None:
         if value not in choices:
             raise ConfigError(f"{group}.{key}={value} is not valid; choose one of: {', '.join(choices)}")
     positive = {"optim.lr": cfg.optim.lr, "trainer.max_epochs": cfg.trainer.max_epochs,
+                "trainer.ddp_timeout_s": cfg.trainer.ddp_timeout_s,
                 "data.batch_size": cfg.data.batch_size, "data.image_size": cfg.data.image_size}
     for key, value in positive.items():
         if not value > 0:
@@ -195,6 +227,10 @@ def validate(cfg: DictConfig | Any) -> None:
             raise ConfigError(f"{key}={value} must not be negative")
     if not 0 <= cfg.trainer.label_smoothing < 1:
         raise ConfigError(f"trainer.label_smoothing={cfg.trainer.label_smoothing} must be in [0, 1)")
+    for key in ("channels_last", "compile"):
+        value = cfg.trainer[key]
+        if not (isinstance(value, bool) or value == "auto"):
+            raise ConfigError(f"trainer.{key}={value} is not valid; choose one of: auto, true, false")
     if cfg.trainer.grad_clip is not None and cfg.trainer.grad_clip <= 0:
         raise ConfigError(f"trainer.grad_clip={cfg.trainer.grad_clip} must be positive, or null to turn it off")
     if cfg.data.name == "fake" and not (cfg.data.num_classes or 0) >= 1:
@@ -219,7 +255,19 @@ def validate(cfg: DictConfig | Any) -> None:
                           f"at every milestone")
     if list(cfg.sched.milestones) != sorted(set(cfg.sched.milestones)):
         raise ConfigError(f"sched.milestones={list(cfg.sched.milestones)} must be increasing epochs, e.g. [30, 60, 80]")
+    if cfg.optimized_metric not in METRICS:
+        raise ConfigError(f"optimized_metric={cfg.optimized_metric} is not a metric of the run; choose one of: "
+                          f"{', '.join(METRICS)}")
+    if cfg.optimized_metric.startswith("val_ema.") and not cfg.trainer.ema:
+        raise ConfigError(f"optimized_metric={cfg.optimized_metric} needs the EMA of the weights: add trainer.ema=true, "
+                          f"or optimise val.{cfg.optimized_metric.split('.')[1]}")
     _validate_involution(cfg.model)
+    out = cfg.get("out")
+    if out is not None and not str(out).endswith(".onnx"):
+        raise ConfigError(f"out={out} must be a path ending in .onnx (the sidecar goes beside it, ending in .json)")
+    if cfg.trainer.log_kernels and not cfg.model.name.startswith("rednet"):
+        raise ConfigError(f"trainer.log_kernels=true draws involution kernels, and model={cfg.model.name} has none; "
+                          f"use a RedNet model or trainer.log_kernels=false")
 
 
 def _validate_involution(m) -> None:
@@ -227,6 +275,9 @@ def _validate_involution(m) -> None:
     from rednet.models.resnet import STEM_INVOLUTION_CHANNELS as width
 
     if not m.name.startswith("rednet"):
+        if m.fused_generator:
+            raise ConfigError(f"model.fused_generator=true fuses RedNet's involutions, and {m.name} has none; "
+                              f"drop the override or choose a rednet model")
         return  # the ResNet baselines have no involution
     if m.kernel_size < 1 or m.kernel_size % 2 == 0:
         raise ConfigError(f"model.kernel_size={m.kernel_size} must be odd and positive (the involution's padding "

@@ -18,3 +18,8 @@ class DataError(UserError):
 
 class CheckpointError(UserError):
     pass
+
+
+class DeployError(UserError):
+    """Export to ONNX and running an exported file: a missing extra, an unwritable path, a file
+    that does not fit the data."""

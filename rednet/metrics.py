@@ -88,21 +88,19 @@ class ConfusionMatrix:
         normalised = counts / counts.sum(1, keepdim=True).clamp(min=1)
         n = self.num_classes
         if n <= max_labelled:
+            from sklearn.metrics import ConfusionMatrixDisplay
+
             size = max(6.0, 0.45 * n + 3)
             fig, axes = plt.subplots(1, 2, figsize=(2 * size, size), constrained_layout=True)
-            for ax, data, title, fmt in ((axes[0], counts, "counts", "{:.0f}"),
-                                         (axes[1], normalised, "row-normalised (recall)", "{:.2f}")):
-                im = ax.imshow(data.numpy(), cmap="Blues", vmin=0)
-                ax.set(title=title, xlabel="predicted", ylabel="true", xticks=range(n), yticks=range(n))
-                ax.set_xticklabels(self.class_names, rotation=90)
-                ax.set_yticklabels(self.class_names)
-                peak = float(data.max()) or 1.0
-                for i in range(n):
-                    for j in range(n):
-                        if data[i, j] > 0:
-                            ax.text(j, i, fmt.format(float(data[i, j])), ha="center", va="center", fontsize=8,
-                                    color="white" if data[i, j] > 0.6 * peak else "black")
-                fig.colorbar(im, ax=ax, shrink=0.8)
+            for ax, data, title, fmt in ((axes[0], counts, "counts", ".0f"),
+                                         (axes[1], normalised, "row-normalised (recall)", ".2f")):
+                shown = ConfusionMatrixDisplay(data.numpy(), display_labels=self.class_names).plot(
+                    ax=ax, cmap="Blues", values_format=fmt, xticks_rotation="vertical", colorbar=False,
+                    im_kw={"vmin": 0}, text_kw={"fontsize": 8})
+                for text, value in zip(shown.text_.flat, data.flatten().tolist()):
+                    text.set_visible(value > 0)  # a grid of zeros would hide the few confusions
+                ax.set(title=title, xlabel="predicted", ylabel="true")
+                fig.colorbar(shown.im_, ax=ax, shrink=0.8)
             return fig
         fig, axes = plt.subplots(1, 2, figsize=(18, 9), constrained_layout=True,
                                  gridspec_kw={"width_ratios": [1.2, 1]})

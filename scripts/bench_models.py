@@ -2,22 +2,32 @@
 
     python scripts/bench_models.py                       # CPU, 224 px, batch 8
     python scripts/bench_models.py --device cuda --batch-size 64 128 --amp        # bf16; --amp fp16
+    python scripts/bench_models.py --layouts nchw channels_last --modes eager compile   # each model's 4 setups
 
 Every model runs in this one process, so the ratios against torchvision's ResNet-50 (``tv_resnet50``)
-compare like with like. A training step is forward, cross-entropy, backward and an SGD step;
+compare like with like. Each model runs in every memory layout (``--layouts``) and mode
+(``--modes``: eager, or ``torch.compile``) asked for, and the ratio columns compare with ResNet-50
+in its best setup (its fastest training row at that resolution and batch), since that is what
+anyone would run. A training step is forward, cross-entropy, backward and an SGD step;
 inference is a forward under ``torch.inference_mode`` in eval mode. Images/s is the batch size over
-the median step time after warm-up. Peak memory is the most allocated at any moment during one
-training step beyond the model and optimizer state (see ``rednet.benchmark.peak_bytes``).
-At 32 px the models use the CIFAR stem (torchvision's ResNet-50 has none and is left out).
+the median step time after warm-up; "warm-up s" is the time of the warm-up steps, compilation and
+autotuning included. Peak memory is the most allocated at any moment during one training step
+beyond the model and optimizer state (see ``rednet.benchmark.peak_bytes``). At 32 px the models
+use the CIFAR stem (torchvision's ResNet-50 has none and is left out).
 
-``--involution-impl unfold`` runs RedNet with the reference operator (the official code's math),
-and ``--profile`` prints, per model, where a training step spends its time, by operator.
+``--budget-s`` starts no new setup after that many seconds (compilation makes the grid long on a
+GPU lent by the minute); the rows it skips say so. ``--involution-impl unfold`` runs RedNet with
+the reference operator (the official code's math). ``--profile`` prints where the first model's
+training step spends its time in each setup: by kind of work (``rednet.benchmark.categorize``:
+convolution, BatchNorm, involution, elementwise, ...) and by operator, or on a GPU by kernel.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import time
+from collections import defaultdict
 from pathlib import Path
 
 import torch
@@ -26,7 +36,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's rednet
 
-from rednet.benchmark import environment, median_ms, peak_bytes  # noqa: E402
+from rednet.benchmark import CATEGORY_NAMES, categorize, environment, median_ms, peak_bytes  # noqa: E402
 from rednet.models import Involution, create_model, list_models  # noqa: E402
 
 REFERENCE = "tv_resnet50"
@@ -43,7 +53,9 @@ def build(name: str, resolution: int, impl: str) -> nn.Module:
     return model
 
 
-def profile_table(name: str, step, device: torch.device, top: int = 12) -> str:
+def profile_step(step, device: torch.device) -> dict[str, float]:
+    """Milliseconds of one training step by what ran: on a GPU each kernel (compiled or not), on the
+    CPU each operator, by its own (self) time, so nothing is counted twice."""
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
@@ -52,24 +64,57 @@ def profile_table(name: str, step, device: torch.device, top: int = 12) -> str:
         step()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-    # On the GPU the time that matters is the kernels', not the host's that launched them. Each
-    # kernel is charged to the operator that launched it; the kernels' own rows are left out so
-    # that no time is counted twice.
-    where = "device" if device.type == "cuda" else "cpu"
-    events = [e for e in prof.key_averages() if getattr(e, f"self_{where}_time_total") > 0
-              and e.device_type == torch.autograd.DeviceType.CPU]
-    total = sum(getattr(e, f"self_{where}_time_total") for e in events)
-    lines = [f"{name}: one training step, {total / 1e3:.1f} ms of self {where} time; the top operators:", "",
-             "| operator | calls | self ms | share |", "|---|---:|---:|---:|"]
-    for e in sorted(events, key=lambda e: -getattr(e, f"self_{where}_time_total"))[:top]:
-        t = getattr(e, f"self_{where}_time_total")
-        lines.append(f"| {e.key[:70]} | {e.count} | {t / 1e3:.2f} | {t / total:.1%} |")
+    if device.type == "cuda":  # the kernels' time, not the host's that launched them
+        kind = torch.autograd.DeviceType.CUDA
+        return {e.key: e.self_device_time_total / 1e3 for e in prof.key_averages()
+                if e.device_type == kind and e.self_device_time_total > 0}
+    # On the CPU the involution runs as many small aten ops inside rednet::involution: charge their
+    # time to the operator that called them.
+    times: dict[str, float] = defaultdict(float)
+    for e in prof.events():
+        if e.device_type != torch.autograd.DeviceType.CPU or e.self_cpu_time_total <= 0:
+            continue
+        key, parent = e.name, e.cpu_parent
+        while parent is not None:
+            if "involution" in parent.name:
+                key = parent.name
+            parent = parent.cpu_parent
+        times[key] += e.self_cpu_time_total / 1e3
+    return dict(times)
+
+
+def category_table(name: str, profiles: dict[str, dict[str, float]]) -> str:
+    """One column per setup: the step's time by kind of work."""
+    setups = list(profiles)
+    totals = {setup: defaultdict(float) for setup in setups}
+    for setup, times in profiles.items():
+        for key, ms in times.items():
+            totals[setup][categorize(key)] += ms
+    lines = [f"{name}: one training step, ms by kind of work (share)", "",
+             "| kind | " + " | ".join(setups) + " |", "|---|" + "---:|" * len(setups)]
+    for category in CATEGORY_NAMES:
+        if any(totals[s][category] for s in setups):
+            cells = [f"{totals[s][category]:.1f} ({totals[s][category] / sum(totals[s].values()):.0%})" for s in setups]
+            lines.append(f"| {category} | " + " | ".join(cells) + " |")
+    lines.append("| total | " + " | ".join(f"{sum(totals[s].values()):.1f}" for s in setups) + " |")
     return "\n".join(lines)
 
 
-def measure(name: str, resolution: int, batch: int, args, device: torch.device) -> dict:
+def top_table(title: str, times: dict[str, float], top: int = 10) -> str:
+    total = sum(times.values())
+    lines = [title, "", "| operator or kernel | kind | ms | share |", "|---|---|---:|---:|"]
+    for key, ms in sorted(times.items(), key=lambda kv: -kv[1])[:top]:
+        lines.append(f"| {key[:80]} | {categorize(key)} | {ms:.2f} | {ms / total:.1%} |")
+    return "\n".join(lines)
+
+
+LAYOUTS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
+MODES = ("eager", "compile")
+
+
+def measure(name: str, resolution: int, batch: int, layout: str, mode: str, args, device: torch.device) -> dict:
     model = build(name, resolution, args.involution_impl).to(device)
-    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+    memory_format = LAYOUTS[layout]
     model = model.to(memory_format=memory_format)
     x = torch.randn(batch, 3, resolution, resolution, device=device).contiguous(memory_format=memory_format)
     y = torch.randint(0, 10, (batch,), device=device)
@@ -77,7 +122,11 @@ def measure(name: str, resolution: int, batch: int, args, device: torch.device) 
     # dynamic=False: when the involution still broke the graph, the pieces between involutions
     # recompiled with symbolic shapes and Inductor
     # (torch 2.14) then failed to compile their backward.
-    run = torch.compile(model, dynamic=False) if args.compile else model
+    if mode == "compile":
+        # Every setup compiles afresh: otherwise the models of one run, which share forward methods,
+        # would pile up recompilations past Dynamo's limit of 8 and silently run the rest eagerly.
+        torch._dynamo.reset()
+    run = torch.compile(model, dynamic=False) if mode == "compile" else model
     amp = torch.autocast(device.type, dtype=AMP_DTYPES.get(args.amp, torch.float32), enabled=args.amp is not None)
     # As in the trainer: float16 needs loss scaling, bfloat16 does not.
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
@@ -90,20 +139,27 @@ def measure(name: str, resolution: int, batch: int, args, device: torch.device) 
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
 
-    model.train()
-    train_ms = median_ms(train_step, device, args.repeats, args.warmup)
-    peak, _ = peak_bytes(train_step, device)
-    profile = profile_table(f"{name} at {resolution} px, batch {batch}", train_step, device) if args.profile else None
-
-    model.eval()
-
     def infer():
         with torch.inference_mode(), amp:
             run(x)
 
-    infer_ms = median_ms(infer, device, args.repeats, args.warmup)
-    return {"model": name, "res": resolution, "batch": batch, "train": batch / train_ms * 1e3,
-            "infer": batch / infer_ms * 1e3, "peak_mib": peak / 2**20, "profile": profile}
+    start = time.perf_counter()
+    model.train()
+    for _ in range(args.warmup):
+        train_step()
+    model.eval()
+    for _ in range(args.warmup):
+        infer()
+    warmup_s = time.perf_counter() - start
+    model.train()
+    train_ms = median_ms(train_step, device, args.repeats, 0)
+    peak, _ = peak_bytes(train_step, device)
+    profile = profile_step(train_step, device) if args.profile else None
+    model.eval()
+    infer_ms = median_ms(infer, device, args.repeats, 0)
+    return {"model": name, "res": resolution, "batch": batch, "layout": layout, "mode": mode,
+            "train": batch / train_ms * 1e3, "infer": batch / infer_ms * 1e3, "peak_mib": peak / 2**20,
+            "warmup_s": warmup_s, "profile": profile}
 
 
 def main() -> None:
@@ -116,41 +172,64 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--amp", nargs="?", const="bf16", choices=sorted(AMP_DTYPES),
                         help="autocast, in bf16 (the default) or fp16 with loss scaling")
-    parser.add_argument("--channels-last", action="store_true")
-    parser.add_argument("--compile", action="store_true", help="torch.compile every model")
+    parser.add_argument("--layouts", nargs="+", choices=list(LAYOUTS), default=["nchw"], help="memory layouts")
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=["eager"], help="eager, or torch.compile")
+    parser.add_argument("--budget-s", type=float, default=None,
+                        help="start no new setup after this many seconds; later rows say they were skipped")
     parser.add_argument("--involution-impl", default="auto", help="the involution implementation RedNets use")
-    parser.add_argument("--profile", action="store_true", help="print where a training step spends its time")
+    parser.add_argument("--profile", action="store_true",
+                        help="print where the first model's training step spends its time, in each setup")
     args = parser.parse_args()
     unknown = [m for m in args.models if m != REFERENCE and m not in list_models()]
     if unknown:
         parser.error(f"unknown models {unknown}; choose from {list_models() + [REFERENCE]}")
-    if min(args.batch_size + args.resolutions + [args.repeats]) < 1:
-        parser.error("--batch-size, --resolutions and --repeats must be at least 1")
+    if min(args.batch_size + args.resolutions + [args.repeats]) < 1 or args.warmup < 0:
+        parser.error("--batch-size, --resolutions and --repeats must be at least 1, --warmup at least 0")
     device = torch.device(args.device)
     torch.manual_seed(0)
+    started = time.perf_counter()
+    # Eager setups first: they are quick, and a budget then cuts compiled rows, not the baseline.
+    setups = [(layout, mode) for mode in args.modes for layout in args.layouts]
 
-    print(environment(device) + f"; amp={args.amp or 'off'} channels_last={args.channels_last} compile={args.compile} "
-          f"involution impl={args.involution_impl}\n")
-    print("| model | res | batch | train img/s | × tv_resnet50 | infer img/s | × tv_resnet50 | train peak MiB | × tv_resnet50 |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
-    profiles = []
+    print(environment(device) + f"; amp={args.amp or 'off'} involution impl={args.involution_impl}\n")
+    header = f"× {REFERENCE} best"
+    print(f"| model | layout | mode | res | batch | train img/s | {header} | infer img/s | {header} | "
+          f"train peak MiB | {header} | warm-up s |")
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    profiles: dict[str, dict[str, float]] = {}
     for resolution in args.resolutions:
         for batch in args.batch_size:
-            rows = [measure(m, resolution, batch, args, device) for m in args.models
-                    if not (m == REFERENCE and resolution <= 64)]
-            ref = next((r for r in rows if r["model"] == REFERENCE), None)
+            rows = []
+            for layout, mode in setups:
+                for m in args.models:
+                    if m == REFERENCE and resolution <= 64:
+                        continue
+                    if args.budget_s is not None and time.perf_counter() - started > args.budget_s:
+                        rows.append({"model": m, "layout": layout, "mode": mode, "res": resolution, "batch": batch,
+                                     "skipped": True})
+                        continue
+                    rows.append(measure(m, resolution, batch, layout, mode, args, device))
+            done = [r for r in rows if not r.get("skipped")]
+            refs = [r for r in done if r["model"] == REFERENCE]
+            ref = max(refs, key=lambda r: r["train"]) if refs else None
 
             def ratio(row, key):
                 return f"{row[key] / ref[key]:.2f}" if ref else "–"
 
-            for r in rows:
-                print(f"| {r['model']} | {r['res']} | {r['batch']} | {r['train']:.1f} | {ratio(r, 'train')} | "
-                      f"{r['infer']:.1f} | {ratio(r, 'infer')} | {r['peak_mib']:.0f} | {ratio(r, 'peak_mib')} |",
-                      flush=True)
-                if r["profile"]:
-                    profiles.append(r["profile"])
-    for profile in profiles:
-        print("\n" + profile)
+            for r in sorted(rows, key=lambda r: args.models.index(r["model"])):
+                where = f"| {r['model']} | {r['layout']} | {r['mode']} | {r['res']} | {r['batch']} |"
+                if r.get("skipped"):
+                    print(f"{where} skipped (--budget-s {args.budget_s:.0f}) | | | | | | |")
+                    continue
+                best = " (best)" if r is ref else ""
+                print(f"{where} {r['train']:.1f}{best} | {ratio(r, 'train')} | {r['infer']:.1f} | {ratio(r, 'infer')} | "
+                      f"{r['peak_mib']:.0f} | {ratio(r, 'peak_mib')} | {r['warmup_s']:.1f} |", flush=True)
+                if r["profile"] is not None and r["model"] == args.models[0]:
+                    profiles[f"{r['layout']}, {r['mode']}, {r['res']} px, batch {r['batch']}"] = r["profile"]
+    if profiles:
+        print("\n" + category_table(args.models[0], profiles))
+        for setup, times in profiles.items():
+            print("\n" + top_table(f"{args.models[0]}, {setup}: the largest items", times))
 
 
 if __name__ == "__main__":

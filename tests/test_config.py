@@ -79,6 +79,8 @@ def test_unknown_key_and_wrong_type_fail_at_composition():
     ("trainer.limit_val_batches=-1", "trainer.limit_val_batches=-1 must be at least 1"),
     ("sched.warmup_ratio=-1", r"sched.warmup_ratio=-1.0 must be in \[0, 1\]"),
     ("trainer.ema_decay=1.5", r"trainer.ema_decay=1.5 must be in \[0, 1\)"),
+    ("trainer.channels_last=ture", r"trainer.channels_last=ture is not valid; choose one of: auto, true, false"),
+    ("trainer.compile=1", r"trainer.compile=1 is not valid"),
     ("sched.min_lr=-1", "sched.min_lr=-1.0 must not be negative"),
     ("sched.gamma=-1", r"sched.gamma=-1.0 must be in \(0, 1\]"),
     ("sched.milestones=[5,2]", r"sched.milestones=\[5, 2\] must be increasing epochs"),

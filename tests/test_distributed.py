@@ -9,7 +9,9 @@ import torch.distributed as dist
 
 from tests.conftest import ROOT, run_cli
 
-pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
+# Two torchrun launches and three evaluations, each a fresh process: minutes on a 2-core CPU.
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")]
 
 
 def torchrun(*args, cwd):

@@ -21,6 +21,7 @@ RUN = ["data=digits", "model=rednet18", "data.batch_size=32", "trainer.max_epoch
        "trainer.limit_val_batches=3", "trainer.progress=none", "trainer.device=cpu"]
 
 
+@pytest.mark.slow  # three train.py processes
 def test_sigterm_saves_and_resume_auto_finishes_like_an_uninterrupted_run(tmp_path):
     def train(*extra, cwd):
         return subprocess.Popen([sys.executable, str(ROOT / "train.py"), *RUN, *extra], cwd=cwd,

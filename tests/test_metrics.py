@@ -40,17 +40,52 @@ def test_topk_with_fewer_classes_than_k():
     assert topk_correct(logits, torch.tensor([2, 1]), (1, 5)) == [0, 2]
 
 
-def test_figures_for_few_and_many_classes(tmp_path):
+def test_small_figure_shows_counts_and_recall(tmp_path):
     from PIL import Image
 
-    small = ConfusionMatrix(10, [f"c{i}" for i in range(10)])
-    small.update(torch.arange(10), torch.arange(10))
-    small.write_png(tmp_path / "small.png")
+    names = [f"c{i}" for i in range(4)]
+    cm = ConfusionMatrix(4, names)
+    cm.update(torch.tensor([0, 0, 1, 1, 1, 3, 2, 3]), torch.tensor([0, 0, 0, 1, 1, 1, 2, 3]))
+    counts = np.array([[2, 1, 0, 0], [0, 2, 0, 1], [0, 0, 1, 0], [0, 0, 0, 1]])
+    recall = counts / counts.sum(1, keepdims=True)
+    fig = cm.figure()
+    panels = [ax for ax in fig.axes if ax.get_title()]
+    assert [ax.get_title() for ax in panels] == ["counts", "row-normalised (recall)"]
+    for ax, expected, fmt in zip(panels, (counts, recall), ("{:.0f}", "{:.2f}")):
+        np.testing.assert_allclose(ax.images[0].get_array(), expected)  # rows true, columns predicted
+        assert (ax.get_xlabel(), ax.get_ylabel()) == ("predicted", "true")
+        assert [t.get_text() for t in ax.get_xticklabels()] == names
+        assert [t.get_text() for t in ax.get_yticklabels()] == names
+        shown = {(round(t.get_position()[1]), round(t.get_position()[0])): t.get_text()
+                 for t in ax.texts if t.get_visible()}
+        # Every non-zero cell is written in, and no zero cell is.
+        assert shown == {(i, j): fmt.format(expected[i, j]) for i, j in zip(*np.nonzero(expected))}
+    cm.write_png(tmp_path / "small.png")
+    with Image.open(tmp_path / "small.png") as png:
+        png.load()
+        assert png.size[0] > 500
+
+
+def test_large_figure_shows_recall_and_the_top_confusions(tmp_path):
+    from PIL import Image
+
     big = ConfusionMatrix(1000)
     rng = torch.Generator().manual_seed(0)
     target = torch.randint(0, 1000, (20000,), generator=rng)
-    big.update(torch.where(torch.rand(20000, generator=rng) < 0.7, target, torch.randint(0, 1000, (20000,), generator=rng)), target)
+    pred = torch.where(torch.rand(20000, generator=rng) < 0.7, target, torch.randint(0, 1000, (20000,), generator=rng))
+    pred[:30] = 7  # one confusion far more frequent than the rest
+    target[:30] = 3
+    big.update(pred, target)
     fig = big.figure()
-    assert "top 25 confusions" in fig.axes[1].get_title()
+    counts = confusion_matrix(target.numpy(), pred.numpy(), labels=range(1000))
+    np.testing.assert_allclose(fig.axes[0].images[0].get_array(), counts / np.maximum(counts.sum(1, keepdims=True), 1))
+    bars = fig.axes[1]
+    assert bars.get_title() == "top 25 confusions (true → predicted)"
+    widths = [p.get_width() for p in bars.patches][::-1]  # drawn bottom-up, the largest on top
+    off = counts - np.diag(np.diag(counts))
+    assert widths == sorted(off.flatten().tolist(), reverse=True)[:25]
+    assert bars.get_yticklabels()[-1].get_text() == "3 → 7" and widths[0] == off[3, 7]
     big.write_png(tmp_path / "big.png")
-    assert Image.open(tmp_path / "small.png").size[0] > 500 and Image.open(tmp_path / "big.png").size[0] > 1000
+    with Image.open(tmp_path / "big.png") as png:
+        png.load()
+        assert png.size[0] > 1000

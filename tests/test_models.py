@@ -131,6 +131,26 @@ def test_keyword_arguments():
     assert model(torch.randn(2, 1, 64, 64)).shape == (2, 5)
 
 
+def test_drop_path_drops_whole_residual_branches():
+    model = create_model("rednet18", num_classes=10, cifar_stem=True, drop_path_rate=0.3, zero_init_residual=False)
+    blocks = [b for layer in (model.backbone.layer1, model.backbone.layer2, model.backbone.layer3, model.backbone.layer4)
+              for b in layer]
+    assert [b.drop_path.p for b in blocks] == pytest.approx([0.3 * i / 7 for i in range(8)])  # linear in depth
+    seen = []
+    blocks[-1].drop_path.register_forward_hook(lambda m, args, out: seen.append((args[0].detach(), out.detach())))
+    torch.manual_seed(0)
+    x = torch.randn(64, 3, 8, 8)
+    model.train()(x)
+    ((branch, out),) = seen
+    dropped = [bool((o == 0).all()) for o in out]
+    for o, b, d in zip(out, branch, dropped):  # each sample's branch is dropped whole, or kept and rescaled
+        if not d:
+            torch.testing.assert_close(o, b / 0.7)
+    assert 0.1 < sum(dropped) / 64 < 0.5  # p = 0.3 for 64 samples
+    model.eval()(x)
+    torch.testing.assert_close(seen[1][1], seen[1][0], rtol=0, atol=0)  # identity at evaluation
+
+
 def test_create_model_errors():
     with pytest.raises(ValueError, match="unknown model 'rednet27'; choose one of: rednet18, rednet26"):
         create_model("rednet27")
@@ -142,8 +162,8 @@ def test_create_model_errors():
         create_model("rednet26", reduction_ratio=64)
     with pytest.raises(ValueError, match=r"drop_path_rate must be in \[0, 1\), got 1.0"):
         create_model("rednet26", drop_path_rate=1.0)
-    with pytest.raises(ValueError, match="num_classes must be at least 1, got 0"):
-        create_model("rednet18", num_classes=3).reset_classifier(0)
+    with pytest.raises(ValueError, match="num_classes must be at least 1, or 0 for no classifier, got -1"):
+        create_model("rednet18", num_classes=3).reset_classifier(-1)
 
 
 def test_reset_classifier_keeps_dtype_and_device():
@@ -199,13 +219,14 @@ def test_torch_compile_sees_each_involution_as_one_operator():
     assert "addcmul" not in graphs[0] and "unfold" not in graphs[0]
 
 
-@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=str)
-def test_compiled_training_step_matches_eager(memory_format):
+def test_compiled_channels_last_training_step_matches_eager():
     # aot_eager runs AOTAutograd (fake tensors, the joint forward/backward graph, the backward
-    # operator) without Inductor's code generation, which keeps the test fast.
+    # operator) without Inductor's code generation, which keeps the test fast. NCHW is covered
+    # through the Trainer (test_trainer_options.py); channels_last is where a wrong weight-gradient
+    # layout in the fake kernels once broke compiled training.
     torch.manual_seed(0)
-    model = create_model("rednet18", num_classes=10, cifar_stem=True).to(memory_format=memory_format)
-    x = torch.randn(2, 3, 16, 16).contiguous(memory_format=memory_format)
+    model = create_model("rednet18", num_classes=10, cifar_stem=True).to(memory_format=torch.channels_last)
+    x = torch.randn(2, 3, 16, 16).contiguous(memory_format=torch.channels_last)
 
     def grads(run):
         model.zero_grad()
@@ -220,7 +241,17 @@ def test_compiled_training_step_matches_eager(memory_format):
 
 @pytest.mark.slow
 def test_torch_compile_with_inductor_trains():
+    # Inductor generates and compiles C++ for the whole model: minutes on a 2-core CPU.
+    torch.manual_seed(0)
     model = create_model("rednet18", num_classes=10, cifar_stem=True)
-    out = torch.compile(model)(torch.randn(2, 3, 16, 16))
-    out.sum().backward()
-    assert model.head.fc.weight.grad is not None
+    x = torch.randn(2, 3, 16, 16)
+
+    def grads(run):
+        model.zero_grad()
+        run(x).square().mean().backward()
+        return [p.grad.clone() for p in model.parameters()]
+
+    eager = grads(model)
+    compiled = grads(torch.compile(model))
+    for a, b in zip(compiled, eager):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)

@@ -1,4 +1,5 @@
-"""Every involution implementation against the unfold reference: values, gradients, layouts, dtypes, errors."""
+"""Every involution implementation against tests/reference.py (the definition, in float64): values,
+gradients, layouts, dtypes, errors."""
 
 import re
 
@@ -7,6 +8,7 @@ import torch
 
 from rednet.benchmark import peak_bytes
 from rednet.ops import available_impls, involution, output_size
+from tests.reference import involution_reference
 
 CPU_IMPLS = available_impls("cpu")
 
@@ -42,6 +44,50 @@ def forward_and_grads(impl, x, weight, kernel_size, stride=1, dilation=1, grad_o
     return out.detach(), grad_x, grad_w
 
 
+def reference(x, weight, kernel_size, stride=1, dilation=1, grad_out=None):
+    """(out, grad_x, grad_w) of the float64 reference, for the upstream gradient forward_and_grads uses."""
+    if grad_out is None:
+        grad_out = random_like(torch.empty(x.shape[0], x.shape[1], *weight.shape[-2:], dtype=x.dtype))
+    return involution_reference(x, weight, kernel_size, stride, dilation, grad_out=grad_out)
+
+
+def assert_matches(actual, expected, rtol, atol_scale):
+    """``actual`` (out, grad_x, grad_w) against the reference; atol is relative to each tensor's largest value."""
+    for name, got, want in zip(("out", "grad_x", "grad_w"), actual, expected):
+        assert got.shape == want.shape, name
+        torch.testing.assert_close(got.double(), want, rtol=rtol, atol=atol_scale * float(want.abs().max()),
+                                   msg=lambda m: f"{name}: {m}")
+
+
+def test_reference_on_known_answers():
+    # The reference is checked by itself: a kernel that is 1 at one tap and 0 elsewhere shifts the
+    # image (zero filled), and the gradients satisfy <out, g> = <x, grad_x> = <w, grad_w>, since
+    # the involution is linear in each input.
+    x = torch.arange(2 * 4 * 5 * 6, dtype=torch.float64).view(2, 4, 5, 6)
+    weight = torch.zeros(2, 2, 9, 5, 6, dtype=torch.float64)
+    weight[:, 0, 2] = 1.0  # group 0 (channels 0, 1): tap (u, v) = (0, 2), reads x[i - 1, j + 1]
+    weight[:, 1, 4] = 2.0  # group 1: the centre tap, twice the pixel
+    out = involution_reference(x, weight, 3)
+    shifted = torch.zeros_like(x[:, :2])
+    shifted[:, :, 1:, :-1] = x[:, :2, :-1, 1:]
+    torch.testing.assert_close(out[:, :2], shifted, rtol=0, atol=0)
+    torch.testing.assert_close(out[:, 2:], 2 * x[:, 2:], rtol=0, atol=0)
+    # Stride 2, dilation 2 (padding 2): output (i, j) with tap (2, 0) reads x[2i + 2, 2j - 2].
+    weight = torch.zeros(1, 1, 9, 3, 3, dtype=torch.float64)
+    weight[:, :, 6] = 1.0
+    out = involution_reference(x[:1, :1], weight, 3, stride=2, dilation=2)
+    expected = torch.zeros(1, 1, 3, 3, dtype=torch.float64)
+    expected[..., :2, 1:] = x[:1, :1, 2::2, 0:4:2]
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+
+    x, weight = make_inputs(2, 6, 9, 7, 3, 5, 2, 1, dtype=torch.float64)
+    grad_out = random_like(involution_reference(x, weight, 5, 2))
+    out, grad_x, grad_w = involution_reference(x, weight, 5, 2, grad_out=grad_out)
+    inner = (out * grad_out).sum()
+    torch.testing.assert_close((x * grad_x).sum(), inner)
+    torch.testing.assert_close((weight * grad_w).sum(), inner)
+
+
 def test_shift_is_registered_and_preferred_over_unfold():
     assert {"shift", "unfold"} <= set(CPU_IMPLS)
     assert CPU_IMPLS.index("shift") < CPU_IMPLS.index("unfold")
@@ -65,12 +111,10 @@ GRADCHECK_CASES = [
 
 @pytest.mark.parametrize("impl", CPU_IMPLS)
 @pytest.mark.parametrize("case", GRADCHECK_CASES, ids=lambda c: "b{}c{}h{}w{}g{}k{}s{}d{}".format(*c))
-def test_gradcheck_float64(impl, case):
+def test_matches_reference_float64(impl, case):
     b, c, h, w, groups, k, s, d = case
     x, weight = make_inputs(b, c, h, w, groups, k, s, d, dtype=torch.float64)
-    x.requires_grad_()
-    weight.requires_grad_()
-    assert torch.autograd.gradcheck(lambda x, w: involution(x, w, k, s, d, impl=impl), (x, weight))
+    assert_matches(forward_and_grads(impl, x, weight, k, s, d), reference(x, weight, k, s, d), 1e-10, 1e-12)
 
 
 # RedNet-like shapes, batch reduced: a stage block, its strided first block, a deeper stage, the stem.
@@ -87,11 +131,7 @@ REDNET_CASES = [
 def test_matches_reference_float32(impl, case):
     b, c, h, w, groups, k, s = case
     x, weight = make_inputs(b, c, h, w, groups, k, s)
-    expected = forward_and_grads("unfold", x, weight, k, s)
-    actual = forward_and_grads(impl, x, weight, k, s)
-    for name, got, want in zip(("out", "grad_x", "grad_w"), actual, expected):
-        assert got.shape == want.shape, name
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4, msg=lambda m: f"{name}: {m}")
+    assert_matches(forward_and_grads(impl, x, weight, k, s), reference(x, weight, k, s), 1e-4, 1e-5)
 
 
 def _noncontiguous(t):
@@ -105,8 +145,8 @@ def _noncontiguous(t):
 @pytest.mark.parametrize("stride", [1, 2])
 def test_layouts_give_the_same_result(impl, stride):
     x, weight = make_inputs(2, 32, 11, 9, 4, 5, stride)
-    expected = forward_and_grads(impl, x, weight, 5, stride)
-    grad_out = random_like(expected[0])
+    expected = reference(x, weight, 5, stride)
+    grad_out = random_like(expected[0]).float()
     variants = {
         "channels_last": (x.contiguous(memory_format=torch.channels_last), weight),
         "sliced": (_noncontiguous(x), _noncontiguous(weight)),
@@ -115,58 +155,52 @@ def test_layouts_give_the_same_result(impl, stride):
     }
     for name, (xv, wv) in variants.items():
         assert not xv.is_contiguous()
-        actual = forward_and_grads(impl, xv, wv, 5, stride, grad_out=grad_out)
-        for got, want in zip(actual, expected):
-            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
-        # A non-contiguous upstream gradient too.
-        actual = forward_and_grads(impl, xv, wv, 5, stride, grad_out=_noncontiguous(grad_out))
-        for got, want in zip(actual, expected):
-            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
+        # A contiguous and a non-contiguous upstream gradient.
+        for g in (grad_out, _noncontiguous(grad_out)):
+            actual = forward_and_grads(impl, xv, wv, 5, stride, grad_out=g)
+            for got, want in zip(actual, expected):
+                torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
 
 
 @pytest.mark.parametrize("impl", CPU_IMPLS)
 def test_bfloat16_autocast(impl):
     x, weight = make_inputs(2, 32, 12, 10, 2, 7, 1)
-    ref_out, ref_gx, ref_gw = forward_and_grads("unfold", x, weight, 7)
+    grad = random_like(torch.empty(2, 32, 12, 10))
+    ref_out, ref_gx, ref_gw = reference(x, weight, 7, grad_out=grad)
     xr, wr = x.clone().requires_grad_(), weight.clone().requires_grad_()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = involution(xr, wr, 7, impl=impl)
     assert out.dtype == torch.bfloat16
-    grad_x, grad_w = torch.autograd.grad(out, (xr, wr), random_like(out))
-    # Inputs are rounded to bfloat16 (8 bits of mantissa) before a 49-term sum of products.
-    scale = ref_out.abs().max()
-    torch.testing.assert_close(out.float(), ref_out, rtol=0, atol=0.03 * scale)
+    grad_x, grad_w = torch.autograd.grad(out, (xr, wr), grad.to(out.dtype))
     assert grad_x.dtype == torch.float32 and grad_w.dtype == torch.float32
-    torch.testing.assert_close(grad_x, ref_gx, rtol=0, atol=0.03 * ref_gx.abs().max())
-    torch.testing.assert_close(grad_w, ref_gw, rtol=0, atol=0.03 * ref_gw.abs().max())
+    # Inputs are rounded to bfloat16 (8 bits of mantissa) before a 49-term sum of products.
+    assert_matches((out, grad_x, grad_w), (ref_out, ref_gx, ref_gw), 0, 0.03)
 
 
 @pytest.mark.parametrize("impl", CPU_IMPLS)
 @pytest.mark.parametrize("stride", [1, 2])
 def test_float16_inputs(impl, stride):
     x, weight = make_inputs(2, 32, 12, 10, 2, 7, stride)
-    ref_out, ref_gx, ref_gw = forward_and_grads("unfold", x.half().float(), weight.half().float(), 7, stride)
-    out, grad_x, grad_w = forward_and_grads(impl, x.half(), weight.half(), 7, stride,
-                                            grad_out=random_like(ref_out).half())
+    x, weight = x.half(), weight.half()
+    grad = random_like(torch.empty(2, 32, *weight.shape[-2:])).half()
+    out, grad_x, grad_w = forward_and_grads(impl, x, weight, 7, stride, grad_out=grad)
     assert out.dtype == grad_x.dtype == grad_w.dtype == torch.float16
-    # Same rounded inputs, float32 accumulation: only the final rounding to float16 differs.
-    torch.testing.assert_close(out.float(), ref_out, rtol=2e-3, atol=2e-3 * ref_out.abs().max())
-    torch.testing.assert_close(grad_x.float(), ref_gx, rtol=2e-3, atol=2e-3 * ref_gx.abs().max())
-    torch.testing.assert_close(grad_w.float(), ref_gw, rtol=2e-3, atol=2e-3 * ref_gw.abs().max())
+    # The exact result for the same rounded inputs: float32 accumulation leaves only the final
+    # rounding to float16 (a relative 2^-11) and float32's error in sums that cancel.
+    assert_matches((out, grad_x, grad_w), reference(x, weight, 7, stride, grad_out=grad), 2e-3, 2e-3)
 
 
 @pytest.mark.parametrize("impl", CPU_IMPLS)
 def test_gradient_of_one_input_only(impl):
     x, weight = make_inputs(1, 8, 6, 6, 2, 3)
-    expected = forward_and_grads("unfold", x, weight, 3)
+    grad = random_like(torch.empty(1, 8, 6, 6))
+    _, want_gx, want_gw = reference(x, weight, 3, grad_out=grad)
     xr = x.clone().requires_grad_()
-    out = involution(xr, weight, 3, impl=impl)
-    (grad_x,) = torch.autograd.grad(out, xr, random_like(out))
-    torch.testing.assert_close(grad_x, expected[1])
+    (grad_x,) = torch.autograd.grad(involution(xr, weight, 3, impl=impl), xr, grad)
+    torch.testing.assert_close(grad_x.double(), want_gx, rtol=1e-5, atol=1e-6)
     wr = weight.clone().requires_grad_()
-    out = involution(x, wr, 3, impl=impl)
-    (grad_w,) = torch.autograd.grad(out, wr, random_like(out))
-    torch.testing.assert_close(grad_w, expected[2])
+    (grad_w,) = torch.autograd.grad(involution(x, wr, 3, impl=impl), wr, grad)
+    torch.testing.assert_close(grad_w.double(), want_gw, rtol=1e-5, atol=1e-6)
 
 
 def _peak_extra_bytes(fn):

@@ -21,7 +21,8 @@ import torch.nn.functional as F
 
 pytest.importorskip("triton", reason="triton is not installed; the fused kernels register only with it")
 
-from rednet.ops import available_impls, involution, involution_unfold, output_size  # noqa: E402
+from rednet.ops import available_impls, involution, output_size  # noqa: E402
+from tests.reference import involution_reference  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -45,12 +46,13 @@ def forward_and_grads(impl, x, weight, k, s, d, grad_out=None):
     return out, grad_x, grad_w
 
 
-def assert_matches_unfold(x, weight, k, s, d, rtol=1e-5, atol=1e-5):
+def assert_matches_reference(x, weight, k, s, d, rtol=1e-5, atol=1e-5):
     got = forward_and_grads("triton", x, weight, k, s, d)
-    want = forward_and_grads("unfold", x, weight, k, s, d)
+    want = involution_reference(x, weight, k, s, d, grad_out=torch.randn(
+        got[0].shape, generator=torch.Generator().manual_seed(1)).to(got[0].dtype))
     for name, g, r in zip(("out", "grad_x", "grad_weight"), got, want):
-        assert g.dtype == r.dtype and g.shape == r.shape, name
-        torch.testing.assert_close(g, r, rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
+        assert g.dtype == x.dtype and g.shape == r.shape, name
+        torch.testing.assert_close(g.double(), r, rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
 
 
 def test_registered_only_when_interpreting(monkeypatch):
@@ -63,9 +65,9 @@ def test_registered_only_when_interpreting(monkeypatch):
 @pytest.mark.parametrize("k", [1, 3, 7])
 @pytest.mark.parametrize("s", [1, 2])
 @pytest.mark.parametrize("d", [1, 2])
-def test_fp32_matches_unfold(k, s, d):
+def test_fp32_matches_reference(k, s, d):
     b, h, w = (1, 11, 9) if k == 7 else (2, 9, 7)
-    assert_matches_unfold(*make_inputs(b, 8, 2, h, w, k, s, d), k, s, d)
+    assert_matches_reference(*make_inputs(b, 8, 2, h, w, k, s, d), k, s, d)
 
 
 # Group widths of 12 (two channel blocks, the second partial), 3 and 1, and a 13x11 image that
@@ -73,7 +75,7 @@ def test_fp32_matches_unfold(k, s, d):
 @pytest.mark.parametrize("c, groups", [(12, 1), (9, 3), (4, 4)])
 @pytest.mark.parametrize("k, s, d", [(3, 1, 1), (5, 2, 2)])
 def test_group_widths_and_blocks(c, groups, k, s, d):
-    assert_matches_unfold(*make_inputs(1, c, groups, 13, 11, k, s, d), k, s, d)
+    assert_matches_reference(*make_inputs(1, c, groups, 13, 11, k, s, d), k, s, d)
 
 
 def test_non_contiguous_inputs():
@@ -84,9 +86,10 @@ def test_non_contiguous_inputs():
     w_big = torch.cat([weight, torch.randn_like(weight)], dim=2)[:, :, : k * k]
     assert not x_cl.is_contiguous() and not w_big.is_contiguous()
     got = forward_and_grads("triton", x_cl, w_big, k, s, d)
-    want = forward_and_grads("unfold", x, weight, k, s, d)
+    want = involution_reference(x, weight, k, s, d, grad_out=torch.randn(
+        got[0].shape, generator=torch.Generator().manual_seed(1)))
     for g, r in zip(got, want):
-        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(g.double(), r, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("s", [1, 2])
@@ -105,12 +108,14 @@ def test_channels_last_is_read_in_place_and_kept(s):
     assert out.is_contiguous(memory_format=torch.channels_last) and not out.is_contiguous()
     assert grad_x.is_contiguous(memory_format=torch.channels_last) and not grad_x.is_contiguous()
     assert grad_w.stride() == w_view.stride()
-    for g, r in zip((out, grad_x, grad_w), forward_and_grads("unfold", x, weight, k, s, d)):
-        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5)
+    want = involution_reference(x, weight, k, s, d, grad_out=torch.randn(
+        out.shape, generator=torch.Generator().manual_seed(1)))
+    for g, r in zip((out, grad_x, grad_w), want):
+        torch.testing.assert_close(g.double(), r, rtol=1e-5, atol=1e-5)
 
 
 def test_empty_batch():
-    assert_matches_unfold(*make_inputs(0, 8, 2, 7, 5, 3, 2, 1), 3, 2, 1)
+    assert_matches_reference(*make_inputs(0, 8, 2, 7, 5, 3, 2, 1), 3, 2, 1)
 
 
 def test_backward_is_deterministic():
@@ -126,8 +131,8 @@ def test_only_the_requested_gradient():
     weight.requires_grad_()
     out = involution(x, weight, 3, 1, 1, impl="triton")
     (grad_w,) = torch.autograd.grad(out.sum(), weight)  # the expanded grad_out of sum() as well
-    want = torch.autograd.grad(involution_unfold(x, weight, 3, 1, 1).sum(), weight)[0]
-    torch.testing.assert_close(grad_w, want)
+    _, _, want = involution_reference(x, weight, 3, 1, 1, grad_out=torch.ones(out.shape))
+    torch.testing.assert_close(grad_w.double(), want, rtol=1e-5, atol=1e-6)
 
 
 def test_gradcheck_float64_exhaustive():
@@ -178,17 +183,17 @@ def test_half_precision_accumulates_in_fp32(dtype):
     assert out.dtype == grad_x.dtype == grad_w.dtype == dtype
 
     # The exact value for the same low-precision inputs, and the float32 reference.
-    exact = involution_unfold(x.double(), weight.double(), k, s, d)
-    magnitude = involution_unfold(x.double().abs(), weight.double().abs(), k, s, d)
+    exact = involution_reference(x, weight, k, s, d)
+    magnitude = involution_reference(x.abs(), weight.abs(), k, s, d)
     assert _violations(out, exact, magnitude, dtype) == 0
     # The same check is sharp enough to catch accumulation in the input dtype.
     assert _violations(_accumulate_in(dtype, x, weight, k, s, d), exact, magnitude, dtype) > 0.1
 
-    want = forward_and_grads("unfold", x.float(), weight.float(), k, s, d, grad_out=torch.randn(
-        out.shape, generator=torch.Generator().manual_seed(1)).to(dtype).float())
+    want = involution_reference(x, weight, k, s, d, grad_out=torch.randn(
+        out.shape, generator=torch.Generator().manual_seed(1)).to(dtype))
     eps = torch.finfo(dtype).eps
     for got, ref in zip((out, grad_x, grad_w), want):
-        torch.testing.assert_close(got.float(), ref, rtol=eps, atol=eps * ref.abs().max().item())
+        torch.testing.assert_close(got.double(), ref, rtol=eps, atol=eps * ref.abs().max().item())
 
 
 def test_unsupported_dtype_is_refused():

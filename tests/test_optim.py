@@ -43,6 +43,15 @@ def test_cosine_with_linear_warmup():
     assert seen[0] == pytest.approx(0.025)
 
 
+def test_cosine_decays_to_min_lr():
+    cfg = compose_config(["sched=cosine", "sched.min_lr=0.02", "optim.base_batch_size=null"])
+    _, seen = lrs(cfg, steps_per_epoch=10, epochs=2, batch=128)
+    total = 20
+    for step in (0, 7, 13, 19):
+        assert seen[step] == pytest.approx(0.02 + (0.1 - 0.02) * 0.5 * (1 + math.cos(math.pi * step / total)))
+    assert min(seen) > 0.02
+
+
 def test_step_schedule_by_epoch():
     cfg = compose_config(["sched=step", "sched.milestones=[2,4]", "sched.gamma=0.1", "optim.base_batch_size=null"])
     _, seen = lrs(cfg, steps_per_epoch=3, epochs=5, batch=128)

@@ -118,6 +118,7 @@ def test_eval_reproduces_training_top1_and_writes_report(tmp_path):
     assert sum(map(sum, counts)) == 64
     assert sum(counts[i][i] for i in range(10)) == round(metrics["acc1"] * 64)
     assert Image.open(out / "confusion_matrix.png").size[0] > 500
+    assert Image.open(out / "misclassified.png").size[0] > 500  # a grid of mistakes, or the note that there are none
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
     assert "top-1" in result.stdout and "| 0 |" in result.stdout
 

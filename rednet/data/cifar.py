@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import os
-import pickle
 import socket
 from functools import partial
+from typing import Any
 
 import numpy as np
 from omegaconf import DictConfig
@@ -13,33 +13,40 @@ from torchvision import datasets, transforms
 from torchvision.datasets.utils import check_integrity, download_and_extract_archive
 
 from rednet.config import DataConfig
+from rednet.data import safe_pickle
 from rednet.data.datamodule import DataModule, check_fixed, loader_kwargs, normalize, one_line
 from rednet.errors import DataError
 
 # Per blocking socket operation, not for the whole download: a dead network fails instead of hanging.
 DOWNLOAD_TIMEOUT_S = 60
+# The largest official file, CIFAR-100's train, is 155 MB: a "batch" far larger is refused unread.
+MAX_FILE_BYTES = 512 * 2**20
 
 
 class _ReadPresentFiles:
-    """Reads the batch files that are present, whatever their md5.
+    """Reads the batch files that are present, whatever their md5, through a restricted unpickler.
 
     torchvision refuses any file whose md5 differs from the official release, which rules out
     subsets, re-pickled copies and test fixtures. Checksums are verified only for a download,
-    where they catch a truncated or tampered archive.
+    where they catch a truncated or tampered archive. Without them a batch file is untrusted
+    input, so it is never given to ``pickle.load`` (which torchvision's own ``__init__`` does):
+    :func:`read_batch` reads it.
     """
 
     title: str
 
-    def _check_integrity(self) -> bool:
-        return not missing_files(type(self), self.root)
-
-    def _load_meta(self) -> None:
+    def __init__(self, root: str, train: bool, transform: Any = None) -> None:
+        datasets.VisionDataset.__init__(self, root, transform=transform)
+        self.train = train
+        data, targets = [], []
+        for name, _ in self.train_list if train else self.test_list:
+            images, labels = read_batch(type(self), os.path.join(self.root, self.base_folder, name))
+            data.append(images)
+            targets.extend(labels)
+        self.data = np.concatenate(data).transpose(0, 2, 3, 1)  # HWC, as torchvision's __getitem__ expects
+        self.targets = targets
         self.classes = read_class_names(type(self), self.root)
         self.class_to_idx = {name: i for i, name in enumerate(self.classes)}
-
-    def download(self) -> None:
-        if missing_files(type(self), self.root):
-            download(type(self), self.root)
 
 
 class CIFAR10(_ReadPresentFiles, datasets.CIFAR10):
@@ -62,20 +69,51 @@ def missing_files(cls: type, root: str) -> list[str]:
     return [name for name in _file_names(cls) if not os.path.isfile(os.path.join(folder, name))]
 
 
-def _unpickle(path: str) -> dict:
-    # latin1: the official files were pickled by Python 2.
-    with open(path, "rb") as f:
-        return pickle.load(f, encoding="latin1")
+def _refetch(path: str) -> str:
+    return f"delete {os.path.dirname(path)} and set data.download=true to fetch the official files"
+
+
+def _unpickle(cls: type, path: str) -> dict:
+    """The dict in a CIFAR file, read so that the file can neither run code nor fill memory."""
+    refetch = _refetch(path)
+    try:
+        entry = safe_pickle.load(path, MAX_FILE_BYTES)
+    except safe_pickle.RefusedPickle as exc:
+        raise DataError(f"refusing to load the {cls.title} file {path}: {one_line(exc)}; {refetch}") from None
+    except OSError as exc:
+        raise DataError(f"cannot read the {cls.title} file {path} ({type(exc).__name__}: {one_line(exc)})") from exc
+    except Exception as exc:  # noqa: BLE001  (a damaged pickle raises anything: EOFError, KeyError, ...)
+        raise DataError(f"{cls.title} files in {os.path.dirname(path)} are unreadable: {os.path.basename(path)} is "
+                        f"truncated or not a CIFAR pickle ({type(exc).__name__}: {one_line(exc)}); {refetch}") from None
+    if not isinstance(entry, dict):
+        raise DataError(f"the {cls.title} file {path} holds a {type(entry).__name__}, not a dict; {refetch}")
+    return entry
+
+
+def read_batch(cls: type, path: str) -> tuple[np.ndarray, list[int]]:
+    """The (N, 3, 32, 32) uint8 images and N labels of one batch file."""
+    entry = _unpickle(cls, path)
+    key = "labels" if "labels" in entry else "fine_labels"
+    data, labels = entry.get("data"), entry.get(key)
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.size % 3072:
+        what = f"{data.dtype} array of shape {data.shape}" if isinstance(data, np.ndarray) else type(data).__name__
+        raise DataError(f"the {cls.title} file {path} has 'data' of {what}, not uint8 rows of 3 x 32 x 32 pixels; "
+                        f"{_refetch(path)}")
+    images = data.reshape(-1, 3, 32, 32)
+    labels = np.asarray(labels if labels is not None else [None])
+    if labels.ndim != 1 or len(labels) != len(images) or (len(labels) and not np.issubdtype(labels.dtype, np.integer)):
+        raise DataError(f"the {cls.title} file {path} has {len(images)} images but its '{key}' are not "
+                        f"{len(images)} integers; {_refetch(path)}")
+    return images, labels.tolist()
 
 
 def read_class_names(cls: type, root: str) -> list[str]:
     path = os.path.join(root, cls.base_folder, cls.meta["filename"])
-    try:
-        return [str(name) for name in _unpickle(path)[cls.meta["key"]]]
-    except (OSError, pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError) as exc:
-        raise DataError(
-            f"{cls.title} meta file {path} is unreadable or lacks '{cls.meta['key']}' ({one_line(exc)}); "
-            f"delete {os.path.join(root, cls.base_folder)} and set data.download=true to fetch it again") from exc
+    names = _unpickle(cls, path).get(cls.meta["key"])
+    if not isinstance(names, (list, tuple)) or not all(isinstance(name, (str, bytes)) for name in names):
+        raise DataError(f"{cls.title} meta file {path} lacks a list of class names under '{cls.meta['key']}'; "
+                        f"{_refetch(path)}")
+    return [name if isinstance(name, str) else name.decode("latin1") for name in names]
 
 
 def download(cls: type, root: str) -> None:
@@ -112,11 +150,7 @@ def _not_found(cls: type, root: str, missing: list[str]) -> DataError:
 
 def _load(cls: type, root: str, train: bool, transform: transforms.Compose, num_classes: int) -> datasets.CIFAR10:
     folder = os.path.join(root, cls.base_folder)
-    try:
-        dataset = cls(root, train=train, transform=transform, download=False)
-    except (OSError, pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError) as exc:
-        raise DataError(f"{cls.title} files in {folder} are unreadable ({type(exc).__name__}: {one_line(exc)}); "
-                        f"delete {folder} and set data.download=true to fetch it again") from exc
+    dataset = cls(root, train=train, transform=transform)
     labels = np.asarray(dataset.targets)
     if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
         raise DataError(f"{cls.title} labels in {folder} run from {labels.min()} to {labels.max()}, but the meta file "

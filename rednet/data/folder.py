@@ -10,25 +10,40 @@ from typing import Any
 
 import torch
 from omegaconf import DictConfig
-from PIL import Image
+from PIL import Image, ImageFile
 from torch.utils.data import default_collate
 from torchvision import datasets, transforms
-from torchvision.datasets.folder import IMG_EXTENSIONS
+from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
 
 from rednet.config import DataConfig
 from rednet.data.datamodule import DataModule, loader_kwargs, normalize, one_line
 from rednet.errors import DataError
 
 # What PIL raises on a file that is not a whole, decodable image (UnidentifiedImageError and
-# "image file is truncated" are OSErrors; some broken headers raise SyntaxError or ValueError).
-IMAGE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+# "image file is truncated" are OSErrors; some broken headers raise SyntaxError or ValueError;
+# PIL's warning about a large image is an exception too where warnings are errors).
+IMAGE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning)
 MODES = {1: "L", 3: "RGB"}
 MAX_LISTED = 5
+# PIL's default limit against decompression bombs (a small file that decodes to gigabytes). PIL
+# only warns between one and two times it, and a user or a library may have lifted it; here it
+# always applies.
+MAX_IMAGE_PIXELS = 1024 * 1024 * 1024 // 4 // 3
 
 
 def open_image(path: str, mode: str) -> Image.Image:
-    with Image.open(path) as image:
-        return image.convert(mode)  # convert() decodes the whole file, so a truncated one fails here
+    with Image.open(path) as image:  # reads the header only
+        if image.width * image.height > MAX_IMAGE_PIXELS:
+            raise Image.DecompressionBombError(
+                f"{image.width} x {image.height} pixels is more than the {MAX_IMAGE_PIXELS} allowed against "
+                f"decompression bombs")
+        # convert() decodes the whole file, so a truncated one fails here, unless someone set
+        # LOAD_TRUNCATED_IMAGES: then PIL would fill the rest with grey and the label would still apply.
+        allowed, ImageFile.LOAD_TRUNCATED_IMAGES = ImageFile.LOAD_TRUNCATED_IMAGES, False
+        try:
+            return image.convert(mode)
+        finally:
+            ImageFile.LOAD_TRUNCATED_IMAGES = allowed
 
 
 class ImageFolder(datasets.ImageFolder):
@@ -48,6 +63,14 @@ class ImageFolder(datasets.ImageFolder):
 
     def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
         return self._fixed_classes, {name: i for i, name in enumerate(self._fixed_classes)}
+
+    def make_dataset(self, directory: str, class_to_idx: dict[str, int], extensions: Any = None,
+                     is_valid_file: Any = None, allow_empty: bool = False) -> list[tuple[str, int]]:
+        """torchvision's listing, in its order, but a symlink loop is an error rather than a walk
+        that repeats the same images, or never ends (two links back up double it at every level)."""
+        return [(path, class_to_idx[name]) for name in sorted(class_to_idx)
+                if os.path.isdir(os.path.join(directory, name))
+                for path in list_images(os.path.join(directory, name))]
 
     def __getitem__(self, index: int) -> tuple[Any, int] | None:
         path, target = self.samples[index]
@@ -76,6 +99,27 @@ class SkipNone:
         if kept:
             return default_collate(kept)
         return torch.empty(self.empty_shape), torch.empty(0, dtype=torch.long)
+
+
+def list_images(folder: str) -> list[str]:
+    """The image files under ``folder``, through symlinked folders too, sorted as torchvision sorts them."""
+    def cannot_list(error: OSError) -> None:
+        raise DataError(f"cannot list the image folder {error.filename} ({error.strerror}); fix its permissions "
+                        f"or remove it")
+
+    chains = {folder: (os.path.realpath(folder),)}  # each folder's real path and its ancestors'
+    walked = []
+    for root, dirs, files in os.walk(folder, followlinks=True, onerror=cannot_list):
+        for name in dirs:
+            path = os.path.join(root, name)
+            real = os.path.realpath(path)
+            if real in chains[root]:
+                raise DataError(f"symlink loop in the image folder: {path} leads back to {real}, which contains "
+                                f"it; remove or replace the link")
+            chains[path] = (*chains[root], real)
+        walked.append((root, files))
+    return [os.path.join(root, name) for root, files in sorted(walked) for name in sorted(files)
+            if has_file_allowed_extension(name, IMG_EXTENSIONS)]
 
 
 def class_folders(directory: str) -> list[str]:

@@ -1,14 +1,29 @@
-"""DDP helpers. torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; without them we are one process."""
+"""DDP helpers. torchrun sets RANK, WORLD_SIZE and LOCAL_RANK (or :func:`env_from_submitit`, in a
+submitit job); without them we are one process."""
 
 from __future__ import annotations
 
 import contextlib
+import datetime
+import io
 import os
+import re
+import zlib
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
+
+from rednet.errors import UserError
+
+
+class LostProcess(UserError):
+    """Another process of the run died or stopped answering. Not the user's mistake, but one line
+    says it better than a traceback from every survivor; torchrun restarts the group if allowed."""
+
+    exit_code = 1
 
 
 @dataclass(frozen=True)
@@ -32,12 +47,51 @@ def env_info() -> DistInfo:
                     int(os.environ.get("LOCAL_RANK", 0)))
 
 
-def init_distributed(device: torch.device) -> DistInfo:
+def restart_count() -> int:
+    """How often torchrun (``--max-restarts``) has restarted this worker group: 0 on the first start."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
+
+
+def shared_store_warning() -> str | None:
+    """A warning for torchrun restarts that can fail, or None.
+
+    By default torchrun's agent lends its store to the workers and keeps it across restarts, with
+    the previous group's keys in it: a restarted worker can read the old addresses and fail to
+    connect (PyTorch issue 135712). torchrun's own switch turns the sharing off.
+    """
+    if int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", 0)) > 0 and \
+            os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        return ("warning: torchrun shares its store with the workers, so a restart can fail to connect (PyTorch "
+                "issue 135712); launch with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 torchrun --max-restarts=N ...")
+    return None
+
+
+def env_from_submitit() -> None:
+    """Inside a job that submitit launched (``hydra/launcher=submitit_*``), sets what torchrun would
+    have: RANK, WORLD_SIZE and LOCAL_RANK from the job's tasks (SLURM_PROCID, SLURM_NTASKS and
+    SLURM_LOCALID on SLURM, read through submitit), MASTER_ADDR (the job's first node) and
+    MASTER_PORT (derived from the job id, so that every task agrees and jobs sharing a node do not
+    collide). Variables already set win: torchrun inside a job, or a MASTER_PORT of your own.
+    """
+    if not os.environ.get("SUBMITIT_EXECUTOR") or "RANK" in os.environ:
+        return
+    import submitit
+
+    job = submitit.JobEnvironment()
+    os.environ.update(RANK=str(job.global_rank), WORLD_SIZE=str(job.num_tasks), LOCAL_RANK=str(job.local_rank))
+    os.environ.setdefault("MASTER_ADDR", job.hostnames[0] if job.num_nodes > 1 else "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(20000 + zlib.crc32(job.job_id.encode()) % 20000))
+
+
+def init_distributed(device: torch.device, timeout_s: float = 1800) -> DistInfo:
+    """Joins the process group. Every collective then waits at most ``timeout_s`` for the other
+    processes, so one that died or hangs stops the rest within that time instead of never."""
     info = env_info()
     if info.enabled and not dist.is_initialized():
         # NCCL for GPUs, gloo for CPUs (tests, debugging).
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                                device_id=device if device.type == "cuda" else None)
+                                device_id=device if device.type == "cuda" else None,
+                                timeout=datetime.timedelta(seconds=timeout_s))
     return info
 
 
@@ -48,6 +102,18 @@ def broadcast_object(obj: Any, info: DistInfo) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def all_gather_object(obj: Any, info: DistInfo) -> list:
+    """Every rank's ``obj`` (tensors in plain containers), in rank order, on every rank."""
+    if not info.enabled:
+        return [obj]
+    # As torch.save bytes: plain pickling fails on some tensor dtypes (numpy's uint32 RNG keys).
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    gathered = [None] * info.world_size
+    dist.all_gather_object(gathered, buffer.getvalue())
+    return [torch.load(io.BytesIO(blob), weights_only=True) for blob in gathered]
 
 
 def all_reduce_sum(tensor: torch.Tensor, info: DistInfo) -> torch.Tensor:
@@ -76,6 +142,26 @@ def main_first(info: DistInfo):
     yield
     if info.is_main:
         barrier(info)
+
+
+def is_communication_error(error: BaseException) -> bool:
+    # NCCL and the rendezvous store raise DistError; gloo raises RuntimeErrors from its own sources.
+    return isinstance(error, dist.DistError) or (isinstance(error, RuntimeError) and "gloo" in str(error))
+
+
+@contextlib.contextmanager
+def lost_process_errors(info: DistInfo, last_checkpoint: Path):
+    """Turns a collective that failed because another process is gone into one :class:`LostProcess` line."""
+    try:
+        yield
+    except RuntimeError as error:
+        if not (info.enabled and is_communication_error(error)):
+            raise
+        # gloo: "[.../pair.cc:545] Read error [10.0.0.2]:5865: Connection reset by peer. This is typically ..."
+        reason = re.sub(r"^\[[^\]]*\]\s*", "", str(error).strip().splitlines()[0]).split(". ")[0]
+        saved = (f"the last checkpoint is {last_checkpoint}, where a restart with resume=if_exists continues"
+                 if last_checkpoint.is_file() else "no checkpoint was written yet")
+        raise LostProcess(f"rank {info.rank} lost another process of the run ({reason}); {saved}") from error
 
 
 def cleanup() -> None:

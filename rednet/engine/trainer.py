@@ -31,7 +31,7 @@ from rednet.engine.checkpoint import read_checkpoint, save_checkpoint
 from rednet.engine.ema import ModelEma
 from rednet.engine.evaluate import EvalResult, check_class_names, evaluate
 from rednet.engine.optim import build_optimizer, build_scheduler
-from rednet.engine.precision import autocast, make_scaler, resolve_device, resolve_precision
+from rednet.engine.precision import autocast, make_scaler, resolve_auto, resolve_device, resolve_precision
 from rednet.errors import CheckpointError, ConfigError, UserError
 from rednet.metrics import to_json, topk_correct
 from rednet.models import build_model, load_weights
@@ -114,14 +114,23 @@ class Trainer:
         self.cfg = cfg
         t = cfg.trainer
         self.device = resolve_device(t.device, distributed.env_info().local_rank)
-        self.dist = distributed.init_distributed(self.device) if t.strategy == "ddp" else distributed.DistInfo()
+        if t.strategy == "ddp" and t.sync_batchnorm and self.device.type != "cuda":
+            # PyTorch's SyncBatchNorm raises in its first training forward on any other device.
+            raise ConfigError(f"trainer.sync_batchnorm=true needs CUDA: PyTorch's SyncBatchNorm does not run on "
+                              f"the {self.device.type}; set trainer.sync_batchnorm=false")
+        self.dist = (distributed.init_distributed(self.device, t.ddp_timeout_s) if t.strategy == "ddp"
+                     else distributed.DistInfo())
         # Every rank resolved ${now:...} by itself; rank 0's folder is the run's.
         self.run_dir = Path(distributed.broadcast_object(str(run_dir), self.dist))
+        if self.dist.enabled and (warning := distributed.shared_store_warning()):
+            self.log(warning)
         if cfg.data.batch_size % self.dist.world_size:
             raise ConfigError(f"data.batch_size={cfg.data.batch_size} (the global batch) does not divide across "
                               f"{self.dist.world_size} processes; use a multiple of {self.dist.world_size}")
         self.batch_per_rank = cfg.data.batch_size // self.dist.world_size
         self.dtype = resolve_precision(t.precision, self.device)
+        self.channels_last = resolve_auto("channels_last", t.channels_last, self.device)
+        self.compile = resolve_auto("compile", t.compile, self.device)
         seed_everything(t.seed + self.dist.rank, t.deterministic)
 
         self.log(f"run folder {self.run_dir}; building data={cfg.data.name}")
@@ -143,11 +152,11 @@ class Trainer:
         if self.dist.enabled and t.sync_batchnorm:  # before the DDP wrap, which then syncs the statistics
             self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
         self.model.to(self.device)
-        if t.channels_last:
+        if self.channels_last:
             self.model.to(memory_format=torch.channels_last)
         self.ema = ModelEma(self.model, t.ema_decay) if t.ema else None
         # dynamic=False: see scripts/bench_models.py; input shapes are fixed within a run anyway.
-        self.train_model = torch.compile(self.model, dynamic=False) if t.compile else self.model
+        self.train_model = torch.compile(self.model, dynamic=False) if self.compile else self.model
         if self.dist.enabled:
             self.train_model = nn.parallel.DistributedDataParallel(
                 self.train_model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
@@ -170,8 +179,9 @@ class Trainer:
         self.saved: tuple[Path, int, int, int] | None = None  # the newest last.pt: (path, epoch, batch, step)
         self.resumed_from: Path | None = None
         self.pending_rng: dict | None = None
-        if cfg.resume:
-            self.resume(find_last_checkpoint(cfg) if cfg.resume == "auto" else Path(cfg.resume))
+        path = self.checkpoint_to_resume()
+        if path is not None:
+            self.resume(path)
 
     # -- the loop ---------------------------------------------------------------------------
 
@@ -180,14 +190,16 @@ class Trainer:
         if self.dist.is_main:
             self.writer = SummaryWriter(self.run_dir / "tensorboard")
         trained_images = train_time = 0.0
-        with self.stop_on_signals():  # before the line that says training starts: from then on Ctrl-C saves
+        # Signals are caught before the line that says training starts: from then on Ctrl-C saves.
+        with self.stop_on_signals(), distributed.lost_process_errors(self.dist, self.ckpt_dir / "last.pt"):
             self.log(f"{self.cfg.model.name}: {sum(p.numel() for p in self.model.parameters()) / 1e6:.2f}M params, "
                      f"{self.data.num_classes} classes, {len(self.data.train_set)} train / {len(self.data.val_set)} "
-                     f"val images, device {self.device}, precision {self.dtype or torch.float32}, "
+                     f"val images, device {self.device}, precision {self.dtype or torch.float32}, channels_last "
+                     f"{self.channels_last}, compile {self.compile}, "
                      f"{self.dist.world_size} process(es), run folder {self.run_dir}")
             while self.epoch < t.max_epochs:
                 train = self.train_one_epoch()
-                if self.stop_signal is not None:  # validation can take minutes: save the epoch first
+                if self.stop_requested():  # validation can take minutes: save the epoch first
                     self.stop()
                 val = self.validate()
                 trained_images += train["images_per_s"] * train["epoch_time_s"]
@@ -201,10 +213,9 @@ class Trainer:
                 self.save("last.pt")
                 if is_best:
                     self.save("best.pt")
-                if self.stop_signal is not None and self.epoch < t.max_epochs:
+                if self.epoch < t.max_epochs and self.stop_requested():
                     raise Interrupted(f"stopped by {signal.Signals(self.stop_signal).name} after epoch {self.epoch}; "
-                                      f"saved {self.ckpt_dir / 'last.pt'}; continue with resume=auto",
-                                      self.stop_signal)
+                                      f"saved {self.ckpt_dir / 'last.pt'}; {self.resume_hint()}", self.stop_signal)
             if self.resumed_from is not None and self.epoch >= t.max_epochs and "val" not in self.metrics:
                 raise CheckpointError(f"{self.resumed_from} has no validation metrics to report")
             self.write_metrics()
@@ -235,7 +246,7 @@ class Trainer:
         while self.batch_in_epoch < self.steps_per_epoch:
             images, target = next(batches)
             images = images.to(self.device, non_blocking=True)
-            if t.channels_last:
+            if self.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
             target = target.to(self.device, non_blocking=True)
             with autocast(self.device, self.dtype):
@@ -272,7 +283,7 @@ class Trainer:
             if t.save_every_n_steps and self.step % t.save_every_n_steps == 0 and \
                     self.batch_in_epoch < self.steps_per_epoch:
                 self.save("last.pt")
-            if self.stop_signal is not None:
+            if self.stop_requested():
                 self.stop()
         bar.close()
         if nothing_left:
@@ -290,8 +301,27 @@ class Trainer:
         self.save("last.pt")
         name = signal.Signals(self.stop_signal).name
         raise Interrupted(f"stopped by {name} at epoch {self.epoch + 1}, step {self.step}; saved "
-                          f"{self.ckpt_dir / 'last.pt'}; continue with resume=auto (or resume={self.ckpt_dir / 'last.pt'})",
-                          self.stop_signal)
+                          f"{self.ckpt_dir / 'last.pt'}; {self.resume_hint()}", self.stop_signal)
+
+    def stop_requested(self) -> bool:
+        """Whether a SIGTERM or SIGINT reached this process or, under DDP, any other.
+
+        Asked of every rank at the same points, so that all stop after the same step: a rank
+        that stopped alone would leave the others waiting in their next collective.
+        """
+        if not self.dist.enabled:
+            return self.stop_signal is not None
+        flag = torch.tensor([0.0 if self.stop_signal is None else 1.0], device=self.device)
+        if not distributed.all_reduce_sum(flag, self.dist).item():
+            return False
+        if self.stop_signal is None:
+            self.stop_signal = signal.SIGTERM
+        return True
+
+    def resume_hint(self) -> str:
+        if self.cfg.resume == "if_exists":
+            return "run the same command again to continue (resume=if_exists)"
+        return f"continue with resume=auto (or resume={self.ckpt_dir / 'last.pt'})"
 
     def keep_batch(self, loss: torch.Tensor, batch_size: int) -> bool:
         """Whether this batch makes an optimizer step.
@@ -299,14 +329,12 @@ class Trainer:
         A batch in which no image could be read (``data.bad_images=skip``) is skipped with a
         warning. A NaN/inf loss skips up to ``trainer.max_bad_steps`` batches, then stops the run.
         The flags are summed over ranks, so every rank takes the same decision: DDP never waits on
-        a rank that skipped, and a signal that reached one rank stops them all at the same step.
+        a rank that skipped.
         """
         empty = batch_size == 0
-        flags = torch.tensor([float(empty), 0.0 if empty or math.isfinite(float(loss.detach())) else 1.0,
-                              0.0 if self.stop_signal is None else float(self.stop_signal)], device=self.device)
-        empty_ranks, bad, stop = distributed.all_reduce_sum(flags, self.dist).tolist()
-        if stop and self.stop_signal is None:
-            self.stop_signal = signal.SIGTERM
+        flags = torch.tensor([float(empty), 0.0 if empty or math.isfinite(float(loss.detach())) else 1.0],
+                             device=self.device)
+        empty_ranks, bad = distributed.all_reduce_sum(flags, self.dist).tolist()
         if empty_ranks:
             # The mean loss of no sample is NaN; that is not the model diverging.
             self.log(f"warning: no readable image in batch {self.batch_in_epoch + 1} of epoch {self.epoch + 1}"
@@ -336,11 +364,11 @@ class Trainer:
         if self.ema is not None:
             distributed.broadcast_buffers(self.ema, self.dist)
         result = evaluate(self.model, self.val_loader, self.device, self.dtype, self.class_names, self.dist,
-                          t.channels_last, t.limit_val_batches, self.show_progress)
+                          self.channels_last, t.limit_val_batches, self.show_progress)
         self.last_confusion = result.confusion
         if self.ema is not None:
             self.ema_result = evaluate(self.ema.module, self.val_loader, self.device, self.dtype, self.class_names,
-                                       self.dist, t.channels_last, t.limit_val_batches, self.show_progress, "val ema")
+                                       self.dist, self.channels_last, t.limit_val_batches, self.show_progress, "val ema")
         return result
 
     # -- records ------------------------------------------------------------------------------
@@ -366,6 +394,10 @@ class Trainer:
             w.add_scalar("perf/epoch_time_s", train["epoch_time_s"], self.epoch)
             fig = val.confusion.figure()
             w.add_figure("val/confusion_matrix", fig, self.epoch, close=True)
+            if self.cfg.trainer.log_kernels:
+                from rednet.viz import log_kernel_heatmaps
+
+                log_kernel_heatmaps(w, self.model, self.data, self.cfg.data, self.epoch)
             w.flush()
 
     def write_metrics(self) -> None:
@@ -414,7 +446,7 @@ class Trainer:
 
     # -- checkpoints ----------------------------------------------------------------------------
 
-    def state(self) -> dict:
+    def state(self, rng_by_rank: list[dict]) -> dict:
         return {
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -427,7 +459,9 @@ class Trainer:
             "bad_steps": self.bad_steps,
             "best_acc1": self.best_acc1,
             "best_epoch": self.best_epoch,
-            "rng": rng_state(),
+            "rng": rng_by_rank[0],
+            # Under DDP every rank draws its own augmentations: each one's generators, by rank.
+            "rng_by_rank": rng_by_rank if self.dist.enabled else None,
             "config": OmegaConf.to_container(self.cfg, resolve=True),
             "metrics": self.metrics,
             "class_names": self.class_names,
@@ -436,11 +470,43 @@ class Trainer:
     def save(self, name: str) -> None:
         """Only rank 0 writes; every rank waits so that no rank races ahead of a checkpoint.
         ``last.pt`` keeps its predecessor as ``last.prev.pt``; ``best.pt`` needs no second copy."""
+        rng_by_rank = distributed.all_gather_object(rng_state(), self.dist)
         if self.dist.is_main:
-            save_checkpoint(self.state(), self.ckpt_dir / name, keep_previous=name == "last.pt")
+            save_checkpoint(self.state(rng_by_rank), self.ckpt_dir / name, keep_previous=name == "last.pt")
         if name == "last.pt":
             self.saved = (self.ckpt_dir / name, self.epoch, self.batch_in_epoch, self.step)
         distributed.barrier(self.dist)
+
+    def checkpoint_to_resume(self) -> Path | None:
+        """The checkpoint that ``resume`` names, or None for a fresh start.
+
+        ``auto``: the newest ``last.pt`` of the same model and data under outputs/ (an error if
+        none). ``if_exists``: this run folder's own ``last.pt`` if it has one, so that one command
+        starts a run and continues it after any restart (torchrun ``--max-restarts``, a SLURM
+        requeue) as long as the run folder is fixed. Rank 0 decides, so every rank loads the same file.
+        """
+        mode = self.cfg.resume
+        choice = error = None
+        if self.dist.is_main:
+            try:
+                if mode == "auto":
+                    choice = find_last_checkpoint(self.cfg)
+                elif mode == "if_exists":
+                    last = self.ckpt_dir / "last.pt"
+                    choice = last if last.is_file() else None
+                    if choice is None:
+                        self.log(f"resume=if_exists: {self.run_dir} has no checkpoints/last.pt yet, starting the run")
+                elif mode:
+                    choice = Path(mode)
+            except CheckpointError as e:
+                error = str(e)
+        choice, error = distributed.broadcast_object((choice, error), self.dist)
+        if error is not None:
+            raise CheckpointError(error)
+        if mode is None and distributed.restart_count():
+            self.log(f"warning: torchrun restarted this run (restart {distributed.restart_count()}) and without resume "
+                     f"training starts over; add resume=if_exists and a fixed hydra.run.dir to continue instead")
+        return choice
 
     def resume(self, path: Path) -> None:
         ckpt = read_checkpoint(path)
@@ -462,6 +528,10 @@ class Trainer:
             raise CheckpointError(f"{path}: its optimizer state does not fit optim={self.cfg.optim.name} ({e!r}); "
                                   f"resume with the optim settings it was trained with") from None
         self.scheduler.load_state_dict(ckpt["scheduler"])
+        # The optimizer state holds the lr of the schedule it was saved under; with a longer
+        # trainer.max_epochs the schedule is stretched, so the next step's lr is recomputed from it.
+        for group, base_lr, factor in zip(self.optimizer.param_groups, self.scheduler.base_lrs, self.scheduler.lr_lambdas):
+            group["lr"] = base_lr * factor(self.scheduler.last_epoch)
         self.scaler.load_state_dict(ckpt["scaler"])
         if self.ema is not None and ckpt.get("ema") is not None:
             self.ema.load_state_dict(ckpt["ema"])
@@ -470,11 +540,16 @@ class Trainer:
         self.bad_steps = ckpt.get("bad_steps", 0)
         self.best_acc1, self.best_epoch = ckpt.get("best_acc1", -1.0), ckpt.get("best_epoch", -1)
         self.metrics = dict(ckpt.get("metrics") or {})
-        # Saved by rank 0; other ranks keep their own streams, offset by their rank, so a DDP
-        # resume is exact in the weights and schedule but not in the augmentations.
-        if self.dist.is_main:
-            set_rng_state(ckpt["rng"])
-            self.pending_rng = ckpt["rng"] if self.batch_in_epoch else None
+        # Each rank continues its own generators when the run had as many processes; the data
+        # order depends on the process count too, so with another count nothing can be exact.
+        saved = ckpt.get("rng_by_rank") or [ckpt["rng"]]
+        mine = saved[self.dist.rank] if len(saved) == self.dist.world_size else saved[0] if self.dist.is_main else None
+        if mine is not None:
+            set_rng_state(mine)
+            self.pending_rng = mine if self.batch_in_epoch else None
+        if len(saved) != self.dist.world_size:
+            self.log(f"warning: {path} holds the random state of {len(saved)} process(es) and this run has "
+                     f"{self.dist.world_size}: data order and augmentations differ from an uninterrupted run's")
         self.resumed_from = path
         self.saved = (path, self.epoch, self.batch_in_epoch, self.step)
         self.log(f"resumed from {path}: epoch {self.epoch}, step {self.step}")

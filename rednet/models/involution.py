@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from rednet.ops import involution
+from rednet.ops import fused_involution, involution
 
 
 class ConvNormAct(nn.Module):
@@ -39,10 +39,16 @@ class Involution(nn.Module):
     G = channels / group_channels. At stride > 1 it sees an average-pooled input, as in the
     official code. Unlike the official code, the pooling rounds up (``ceil_mode``), so its map
     has the same size as the strided output for odd inputs too; for even inputs it is identical.
+
+    ``fused_generator=True`` runs the generator's second convolution and the involution as one
+    Triton operator (:func:`rednet.ops.fused_involution`) that never stores the G*K*K-channel
+    kernel map. The parameters and state_dict keys are the same; where Triton cannot run (the CPU
+    without ``TRITON_INTERPRET=1``) the layer computes exactly what it computes without the option.
+    ``impl`` chooses the involution of the unfused path.
     """
 
     def __init__(self, channels: int, kernel_size: int = 7, stride: int = 1, group_channels: int = 16,
-                 reduction_ratio: int = 4, impl: str = "auto") -> None:
+                 reduction_ratio: int = 4, impl: str = "auto", fused_generator: bool = False) -> None:
         super().__init__()
         if channels % group_channels != 0:
             raise ValueError(f"Involution: {channels} channels are not divisible into groups of "
@@ -57,16 +63,23 @@ class Involution(nn.Module):
         self.stride = stride
         self.groups = channels // group_channels
         self.impl = impl
+        self.fused_generator = fused_generator
         self.avgpool = nn.AvgPool2d(stride, stride, ceil_mode=True) if stride > 1 else nn.Identity()
         self.conv1 = ConvNormAct(channels, channels // reduction_ratio, 1)
         self.conv2 = ConvNormAct(channels // reduction_ratio, kernel_size * kernel_size * self.groups, 1,
                                  norm=False, act=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self.conv2(self.conv1(self.avgpool(x)))
+        reduced = self.conv1(self.avgpool(x))
+        if self.fused_generator:
+            conv = self.conv2.conv
+            return fused_involution(x, reduced, conv.weight, conv.bias, self.kernel_size, self.stride, impl=self.impl)
+        weight = self.conv2(reduced)
         b, _, h, w = weight.shape
         weight = weight.view(b, self.groups, self.kernel_size * self.kernel_size, h, w)
         return involution(x, weight, self.kernel_size, self.stride, impl=self.impl)
 
     def extra_repr(self) -> str:
-        return f"channels={self.channels}, kernel_size={self.kernel_size}, stride={self.stride}, groups={self.groups}"
+        fused = ", fused_generator=True" if self.fused_generator else ""
+        return (f"channels={self.channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+                f"groups={self.groups}{fused}")

@@ -22,7 +22,8 @@ def list_models() -> list[str]:
 
 def create_model(name: str, num_classes: int = 1000, **kwargs) -> nn.Module:
     """Builds a registered model. Keyword arguments: ``in_chans``, ``cifar_stem``, ``kernel_size``,
-    ``group_channels``, ``reduction_ratio``, ``zero_init_residual``, ``drop_path_rate``."""
+    ``group_channels``, ``reduction_ratio``, ``zero_init_residual``, ``drop_path_rate``,
+    ``fused_generator``."""
     if name not in _MODELS:
         raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(list_models())}")
     from rednet.models.resnet import ResNet  # the signature every builder forwards to
@@ -47,7 +48,8 @@ def build_model(cfg_model, num_classes: int, in_chans: int, image_size: int) -> 
     model = create_model(m.name, num_classes=num_classes, in_chans=in_chans,
                          cifar_stem=use_cifar_stem(m, image_size), kernel_size=m.kernel_size,
                          group_channels=m.group_channels, reduction_ratio=m.reduction_ratio,
-                         zero_init_residual=m.zero_init_residual, drop_path_rate=m.drop_path_rate)
+                         zero_init_residual=m.zero_init_residual, drop_path_rate=m.drop_path_rate,
+                         fused_generator=m.fused_generator)
     if m.pretrained:
         from rednet.models.weights import load_weights
 

@@ -13,30 +13,18 @@ from typing import Callable
 
 import torch
 from torch import nn
+from torchvision.ops import StochasticDepth
 
 from rednet.models.involution import ConvNormAct, Involution
 from rednet.models.registry import register_model
 
 
-class DropPath(nn.Module):
-    """Stochastic depth: drops a sample's whole residual branch with probability ``p``."""
-
-    def __init__(self, p: float = 0.0) -> None:
-        super().__init__()
-        self.p = p
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.p == 0.0 or not self.training:
-            return x
-        keep = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(1.0 - self.p)
-        return x * keep / (1.0 - self.p)
-
-
 def _spatial(channels: int, stride: int, involution: bool, kernel_size: int, group_channels: int,
-             reduction_ratio: int) -> nn.Module:
+             reduction_ratio: int, fused_generator: bool) -> nn.Module:
     """The block's spatial mixing layer: a KxK involution, or the 3x3 convolution it replaces."""
     if involution:
-        return Involution(channels, kernel_size, stride, group_channels, reduction_ratio)
+        return Involution(channels, kernel_size, stride, group_channels, reduction_ratio,
+                          fused_generator=fused_generator)
     return nn.Conv2d(channels, channels, 3, stride, padding=1, bias=False)
 
 
@@ -60,7 +48,7 @@ class BasicBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(channels)
         self.relu = nn.ReLU(inplace=True)
         self.downsample = _downsample(in_channels, channels, stride)
-        self.drop_path = DropPath(drop_path)
+        self.drop_path = StochasticDepth(drop_path, "row")  # drops a sample's whole residual branch
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         identity = x if self.downsample is None else self.downsample(x)
@@ -89,7 +77,7 @@ class Bottleneck(nn.Module):
         self.bn3 = nn.BatchNorm2d(out_channels)
         self.relu = nn.ReLU(inplace=True)
         self.downsample = _downsample(in_channels, out_channels, stride)
-        self.drop_path = DropPath(drop_path)
+        self.drop_path = StochasticDepth(drop_path, "row")  # drops a sample's whole residual branch
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         identity = x if self.downsample is None else self.downsample(x)
@@ -107,7 +95,8 @@ class Bottleneck(nn.Module):
 STEM_INVOLUTION_CHANNELS = 32
 
 
-def _stem(in_chans: int, involution: bool, cifar_stem: bool, group_channels: int, reduction_ratio: int) -> nn.Sequential:
+def _stem(in_chans: int, involution: bool, cifar_stem: bool, group_channels: int, reduction_ratio: int,
+          fused_generator: bool) -> nn.Sequential:
     """RedNet: conv3x3/2 -> involution3x3 -> BN -> ReLU -> conv3x3, 64 channels out.
     ResNet: torchvision's conv7x7/2 (so resnet50 is torchvision's resnet50 parameter for parameter).
     The CIFAR variant keeps the module names but does not downsample, and uses a 3x3 conv."""
@@ -116,7 +105,7 @@ def _stem(in_chans: int, involution: bool, cifar_stem: bool, group_channels: int
         width = STEM_INVOLUTION_CHANNELS
         return nn.Sequential(
             ConvNormAct(in_chans, width, 3, stride),
-            Involution(width, 3, 1, group_channels, reduction_ratio),
+            Involution(width, 3, 1, group_channels, reduction_ratio, fused_generator=fused_generator),
             nn.BatchNorm2d(width),
             nn.ReLU(inplace=True),
             ConvNormAct(width, 64, 3),
@@ -127,12 +116,13 @@ def _stem(in_chans: int, involution: bool, cifar_stem: bool, group_channels: int
 class Backbone(nn.Module):
     def __init__(self, block: type[BasicBlock | Bottleneck], layers: tuple[int, ...], in_chans: int,
                  involution: bool, cifar_stem: bool, kernel_size: int, group_channels: int,
-                 reduction_ratio: int, drop_path_rate: float) -> None:
+                 reduction_ratio: int, drop_path_rate: float, fused_generator: bool) -> None:
         super().__init__()
-        self.stem = _stem(in_chans, involution, cifar_stem, group_channels, reduction_ratio)
+        self.stem = _stem(in_chans, involution, cifar_stem, group_channels, reduction_ratio, fused_generator)
         self.maxpool = nn.Identity() if cifar_stem else nn.MaxPool2d(3, 2, padding=1)
         spatial = partial(_spatial, involution=involution, kernel_size=kernel_size,
-                          group_channels=group_channels, reduction_ratio=reduction_ratio)
+                          group_channels=group_channels, reduction_ratio=reduction_ratio,
+                          fused_generator=fused_generator)
         # Stochastic depth grows linearly with the block index, as in timm.
         rates = torch.linspace(0, drop_path_rate, sum(layers)).tolist()
         in_channels = 64
@@ -152,14 +142,16 @@ class Backbone(nn.Module):
 
 
 class Head(nn.Module):
-    """Global average pooling and a linear classifier (mmcls's LinearClsHead)."""
+    """Global average pooling and a linear classifier (mmcls's LinearClsHead); with ``num_classes=0``
+    no classifier, so the model returns its pooled features (timm's convention)."""
 
     def __init__(self, in_features: int, num_classes: int) -> None:
         super().__init__()
-        self.fc = nn.Linear(in_features, num_classes)
+        self.fc = nn.Linear(in_features, num_classes) if num_classes else nn.Identity()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(torch.flatten(x.mean((2, 3)), 1))
+    def forward(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = torch.flatten(x.mean((2, 3)), 1)
+        return x if pre_logits else self.fc(x)
 
 
 class ResNet(nn.Module):
@@ -168,16 +160,17 @@ class ResNet(nn.Module):
     def __init__(self, block: type[BasicBlock | Bottleneck], layers: tuple[int, ...], num_classes: int = 1000,
                  involution: bool = True, in_chans: int = 3, cifar_stem: bool = False, kernel_size: int = 7,
                  group_channels: int = 16, reduction_ratio: int = 4, zero_init_residual: bool = True,
-                 drop_path_rate: float = 0.0) -> None:
+                 drop_path_rate: float = 0.0, fused_generator: bool = False) -> None:
         super().__init__()
-        if num_classes < 1:
-            raise ValueError(f"num_classes must be at least 1, got {num_classes}")
+        if num_classes < 0:
+            raise ValueError(f"num_classes must be at least 1, or 0 for no classifier, got {num_classes}")
         if not 0 <= drop_path_rate < 1:
             raise ValueError(f"drop_path_rate must be in [0, 1), got {drop_path_rate}")
         self.num_classes = num_classes
         self.backbone = Backbone(block, layers, in_chans, involution, cifar_stem, kernel_size, group_channels,
-                                 reduction_ratio, drop_path_rate)
-        self.head = Head(self.backbone.out_channels, num_classes)
+                                 reduction_ratio, drop_path_rate, fused_generator)
+        self.num_features = self.backbone.out_channels  # what the classifier sees (timm's name)
+        self.head = Head(self.num_features, num_classes)
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
@@ -193,16 +186,25 @@ class ResNet(nn.Module):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.backbone(x)
 
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        return self.head(x, pre_logits)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.backbone(x))
 
-    def reset_classifier(self, num_classes: int) -> None:
-        """Replaces ``head.fc`` with a fresh one, for fine-tuning on another label set."""
-        if num_classes < 1:
-            raise ValueError(f"num_classes must be at least 1, got {num_classes}")
-        old = self.head.fc.weight
+    def get_classifier(self) -> nn.Module:
+        return self.head.fc
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """Replaces ``head.fc`` with a fresh one, for fine-tuning on another label set; ``num_classes=0``
+        removes it. The signature is timm's; average pooling is the only pooling."""
+        if num_classes < 0:
+            raise ValueError(f"num_classes must be at least 1, or 0 for no classifier, got {num_classes}")
+        if global_pool not in (None, "avg"):
+            raise ValueError(f"global_pool={global_pool!r} is not supported: RedNet pools by averaging ('avg')")
+        like = next(self.backbone.parameters())
         self.num_classes = num_classes
-        self.head = Head(self.backbone.out_channels, num_classes).to(device=old.device, dtype=old.dtype)
+        self.head = Head(self.num_features, num_classes).to(device=like.device, dtype=like.dtype)
 
 
 def _build(block, layers, involution, **kwargs) -> ResNet:

@@ -1,0 +1,62 @@
+"""Runs launched by submitit (``python train.py -m hydra/launcher=submitit_slurm_ddp ...``).
+
+Each task of a job is one DDP process; :func:`rednet.engine.distributed.env_from_submitit` gives it
+its rank. What is left is requeueing. submitit asks SLURM to warn a job with SIGUSR2
+``signal_delay_s`` before its time limit, and on that signal it requeues the job, which then runs
+the same command again, in the same run folder. Here the warning takes the path SIGTERM takes: the
+trainer finishes its step, writes ``checkpoints/last.pt`` and stops; only then does submitit requeue
+the job; and the job that runs again resumes from that ``last.pt``: train.py runs a submitit job
+with ``resume=if_exists`` (unless ``resume`` is set), the one mechanism that torchrun restarts and
+requeued sbatch scripts use too (``Trainer.checkpoint_to_resume``). A preemption that arrives as
+SIGTERM is the trainer's own path already; the job SLURM requeues after it resumes the same way.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+from contextlib import contextmanager
+
+log = logging.getLogger("rednet")
+
+
+def in_job() -> bool:
+    return bool(os.environ.get("SUBMITIT_EXECUTOR"))
+
+
+@contextmanager
+def save_before_requeue():
+    """Inside a submitit job, submitit's preemption signal first stops the trainer as SIGTERM does
+    (the step ends, ``last.pt`` is written), then lets submitit requeue the job."""
+    if not in_job():
+        yield
+        return
+    import submitit
+
+    from rednet.engine.trainer import Interrupted
+
+    warning = submitit.JobEnvironment._usr_sig()  # SIGUSR2 unless SUBMITIT_PREEMPT_SIGNAL says otherwise
+    requeue = signal.getsignal(warning)  # submitit's: checkpoint the submission, requeue, exit
+    ignore = signal.getsignal(signal.SIGTERM)  # submitit's too; the trainer replaces it while it trains
+    warned = []
+
+    def on_warning(signum, frame):
+        stop = signal.getsignal(signal.SIGTERM)
+        if stop == ignore or not callable(stop):  # not training: last.pt is as new as it gets
+            requeue(signum, frame)
+            return
+        warned.append(signum)
+        stop(signal.SIGTERM, frame)
+
+    signal.signal(warning, on_warning)
+    try:
+        yield
+    except Interrupted:
+        if not warned:
+            raise
+        log.info("preempted: checkpoints/last.pt is saved; submitit requeues the job, which resumes from it")
+        requeue(warned[0], None)  # rank 0 requeues and exits; the other ranks return here
+        raise
+    finally:
+        signal.signal(warning, requeue)

@@ -1,0 +1,176 @@
+"""Two gloo processes on the CPU that lose a worker or are preempted, and continue to the same result.
+
+Each slow test launches ``torchrun`` with the command a user would run: a fixed run folder and
+``resume=if_exists``, the same for the first start and every restart. The reference is the same
+command, uninterrupted. Slow: every launch starts two Python processes with torch.
+"""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from rednet.engine.checkpoint import read_checkpoint, save_checkpoint
+from rednet.engine.trainer import Trainer
+from scripts.fault_drill import outcome, worker_pids
+from tests.conftest import FAST, ROOT, compose_config
+
+needs_gloo = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
+
+# 2 epochs of 6 steps, a checkpoint every 2 steps; digits' random shifts exercise every rank's generators.
+RUN = ["trainer=ddp", "data=digits", "model=rednet18", "data.batch_size=32", "trainer.max_epochs=2",
+       "trainer.limit_train_batches=6", "trainer.limit_val_batches=3", "trainer.save_every_n_steps=2",
+       "trainer.progress=none", "trainer.device=cpu", "resume=if_exists"]
+TIMEOUT = 900
+
+
+def torchrun(run_dir: Path, *torchrun_args: str) -> subprocess.Popen:
+    """The README's line; its output (the log and the errors) all on stdout."""
+    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             *torchrun_args, str(ROOT / "train.py"), *RUN, f"hydra.run.dir={run_dir}"],
+                            cwd=run_dir.parent, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"})
+
+
+def wait_until(predicate, proc: subprocess.Popen, timeout: float = TIMEOUT) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert proc.poll() is None, f"the run ended first (rc={proc.returncode}): {proc.communicate()[0][-3000:]}"
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.005)
+
+
+def assert_same_run(run_dir: Path, reference) -> None:
+    (metrics, weights), (ref_metrics, ref_weights) = outcome(run_dir), reference
+    assert metrics == ref_metrics
+    for key in ref_weights:
+        torch.testing.assert_close(weights[key], ref_weights[key], rtol=0, atol=0, msg=key)
+
+
+def test_resume_if_exists_continues_its_own_run_folder_or_starts_fresh(tmp_path, monkeypatch, caplog):
+    monkeypatch.chdir(tmp_path)
+    cfg = compose_config(FAST + ["data=digits", "model=rednet18", "data.batch_size=32", "trainer.max_epochs=2",
+                                 "trainer.limit_train_batches=2", "trainer.limit_val_batches=1", "resume=if_exists"])
+    run = tmp_path / "outputs" / "job-42"
+    with caplog.at_level("INFO"):
+        first = Trainer(cfg, run)
+    assert first.resumed_from is None and first.epoch == 0
+    assert f"resume=if_exists: {run} has no checkpoints/last.pt yet, starting the run" in caplog.text
+    first.epoch, first.step = 1, 2  # as if it had trained an epoch
+    first.save("last.pt")
+    # A newer run of the same model and data, which resume=auto would take.
+    save_checkpoint({"config": {"model": {"name": "rednet18"}, "data": {"name": "digits"}}},
+                    tmp_path / "outputs" / "other" / "checkpoints" / "last.pt")
+    again = Trainer(cfg, run)  # the same command, after a restart
+    assert again.resumed_from == run / "checkpoints" / "last.pt" and (again.epoch, again.step) == (1, 2)
+    assert "run the same command again to continue (resume=if_exists)" in again.resume_hint()
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("reference") / "run"
+    proc = torchrun(run_dir)
+    output, _ = proc.communicate(timeout=TIMEOUT)
+    assert proc.returncode == 0, output[-3000:]
+    return outcome(run_dir)
+
+
+@pytest.mark.slow
+@needs_gloo
+def test_sigkill_of_a_rank_mid_epoch_restarts_and_ends_like_an_uninterrupted_run(tmp_path, reference):
+    run_dir = tmp_path / "run"
+    proc = torchrun(run_dir, "--max-restarts=1")
+    ckpt = run_dir / "checkpoints" / "last.pt"
+    wait_until(lambda: ckpt.exists() and read_checkpoint(ckpt)["step"] >= 4, proc)  # mid-epoch 1
+    os.kill(worker_pids(proc.pid)[1], signal.SIGKILL)
+    output, _ = proc.communicate(timeout=TIMEOUT)
+    assert proc.returncode == 0, output[-3000:]
+    assert f"resumed from {ckpt}: epoch 0, step " in output  # the restarted group continued that run's last.pt
+    assert_same_run(run_dir, reference)
+
+
+@pytest.mark.slow
+@needs_gloo
+def test_sigterm_to_the_agent_saves_hints_on_every_rank_and_a_second_launch_finishes_exactly(tmp_path, reference):
+    run_dir = tmp_path / "run"
+    proc = torchrun(run_dir)
+    ckpt = run_dir / "checkpoints" / "last.pt"
+    wait_until(ckpt.exists, proc)
+    proc.send_signal(signal.SIGTERM)  # what a scheduler's preemption sends to the job
+    output, _ = proc.communicate(timeout=TIMEOUT)
+    assert proc.returncode != 0
+    hints = [line for line in output.splitlines() if line.startswith("error: stopped by SIGTERM")]
+    assert len(hints) == 2, output[-3000:]  # every rank, one line each
+    assert all(f"saved {ckpt}; run the same command again to continue (resume=if_exists)" in h for h in hints)
+    saved = read_checkpoint(ckpt)
+    assert saved["epoch"] * 6 + saved["batch_in_epoch"] == saved["step"] < 12  # stopped part-way, at a step
+
+    again = torchrun(run_dir)  # the same command
+    output, _ = again.communicate(timeout=TIMEOUT)
+    assert again.returncode == 0, output[-3000:]
+    assert f"resumed from {ckpt}: epoch {saved['epoch']}, step {saved['step']}" in output
+    assert_same_run(run_dir, reference)
+
+
+@pytest.mark.slow
+@needs_gloo
+def test_a_kill_of_rank_0_while_it_writes_a_checkpoint_leaves_a_loadable_last_pt(tmp_path, reference):
+    run_dir = tmp_path / "run"
+    proc = torchrun(run_dir, "--max-restarts=1")
+    folder = run_dir / "checkpoints"
+    wait_until(lambda: (folder / "last.pt").exists(), proc)
+    # The next write's temporary file, named after rank 0's pid: kill it while torch.save fills it.
+    writing = []
+    wait_until(lambda: writing.extend(p for p in folder.glob(".last.pt.tmp-*")) or writing, proc)
+    os.kill(int(writing[0].name.rsplit("-", 1)[1]), signal.SIGKILL)
+    read_checkpoint(folder / "last.pt")  # whole, whatever moment the kill hit
+    output, _ = proc.communicate(timeout=TIMEOUT)
+    assert proc.returncode == 0, output[-3000:]
+    assert_same_run(run_dir, reference)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+@needs_gloo
+@pytest.mark.parametrize("fault", [signal.SIGKILL, signal.SIGSTOP])
+def test_a_dead_or_hung_rank_stops_the_others_within_the_timeout(tmp_path, fault):
+    # Without torchrun, which would stop the others itself: only the process group's timeout
+    # (trainer.ddp_timeout_s) and gloo's own error on a closed connection are left to do it.
+    timeout_s = 20
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": "2"}
+    ranks = [subprocess.Popen([sys.executable, str(ROOT / "train.py"), *RUN, "trainer.max_epochs=50",
+                               f"trainer.ddp_timeout_s={timeout_s}", f"hydra.run.dir={tmp_path / 'run'}"],
+                              env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)}, cwd=tmp_path,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in range(2)]
+    try:
+        wait_until(lambda: (tmp_path / "run" / "checkpoints" / "last.pt").exists(), ranks[0])
+        os.kill(ranks[1].pid, fault)
+        hit = time.monotonic()
+        _, stderr = ranks[0].communicate(timeout=TIMEOUT)
+        waited = time.monotonic() - hit
+    finally:
+        for proc in ranks:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+    assert ranks[0].returncode == 1, stderr[-3000:]
+    # A step and a collective at most; the margin is for this shared, loaded machine.
+    assert waited < (5 if fault == signal.SIGKILL else timeout_s) + 60
+    errors = [line for line in stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "Traceback" not in stderr, stderr[-3000:]
+    assert errors[0].startswith("error: rank 0 lost another process of the run (")
+    assert "the last checkpoint is" in errors[0] and "resume=if_exists" in errors[0]
+    if fault == signal.SIGSTOP:
+        assert "Timed out" in errors[0]
