@@ -30,3 +30,16 @@ def run_cli(script: str, *args: str, cwd: Path | None = None, timeout: int = 300
 @pytest.fixture
 def compose_cfg():
     return compose_config
+
+
+_DDP_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+@pytest.fixture(autouse=True)
+def _no_ddp_variables_leak():
+    """A test that leaves torchrun's variables behind makes every later CLI test think it was
+    launched by torchrun; fail the test that leaked, not the innocent ones after it."""
+    before = {k: os.environ.get(k) for k in _DDP_VARS}
+    yield
+    after = {k: os.environ.get(k) for k in _DDP_VARS}
+    assert after == before, f"this test leaked torchrun variables into os.environ: {after}"

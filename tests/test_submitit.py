@@ -24,9 +24,15 @@ DDP_ENV = ["RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"]
 
 @pytest.fixture
 def clean_env(monkeypatch):
+    # env_from_submitit writes os.environ itself, which monkeypatch cannot undo: without the full
+    # restore, WORLD_SIZE=16 leaks into every later test's subprocesses and they refuse to start.
+    saved = dict(os.environ)
     for name in [*DDP_ENV, "SUBMITIT_EXECUTOR"] + [n for n in os.environ if n.startswith(("SLURM_", "SUBMITIT_"))]:
         monkeypatch.delenv(name, raising=False)
-    return monkeypatch
+    yield monkeypatch
+    monkeypatch.undo()
+    os.environ.clear()
+    os.environ.update(saved)
 
 
 def slurm_task(monkeypatch, job_id, procid, localid):
