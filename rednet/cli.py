@@ -175,6 +175,8 @@ def guarded(task):
 
 
 def _optuna_trial() -> bool:
+    if not HydraConfig.initialized():  # a task called outside Hydra (tests, a notebook)
+        return False
     hydra_cfg = HydraConfig.get()
     return hydra_cfg.mode == RunMode.MULTIRUN and hydra_cfg.sweeper._target_.endswith(".OptunaSweeper")
 
