@@ -11,6 +11,8 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
+import signal
 import sys
 from pathlib import Path
 
@@ -19,7 +21,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from rednet.config import TrainConfig, register_configs, validate
+from rednet.config import TrainConfig, check_keys, did_you_mean, register_configs, validate
 from rednet.errors import ConfigError, UserError
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
@@ -80,20 +82,57 @@ def preflight(config_name: str, argv: list[str]) -> None:
             for value in (swept or [])[1:]:
                 variants.append(first[:i] + [f"{o.get_key_element()}={value}"] + first[i + 1:])
         with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-            for overrides in variants:
-                cfg = compose(config_name=config_name, overrides=overrides)
+            for i, overrides in enumerate(variants):
+                cfg = compose(config_name=config_name, overrides=overrides, return_hydra_config=i == 0)
+                if i == 0:
+                    multirun = "-m" in argv or "--multirun" in argv
+                    key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
+                    check_run_dir(OmegaConf.select(cfg, key), key)
                 if config_name == "train" or "ckpt" not in cfg or cfg.ckpt is None:
                     validate(cfg)
+                else:
+                    check_keys(cfg)
     except UserError as e:
         fail(one_line(e))
     except Exception as e:  # Hydra's and OmegaConf's composition errors: an override's fault
         message = one_line(e)
         cause = one_line(e.__cause__) if e.__cause__ is not None else ""
         if cause.startswith("Key '"):  # Hydra's advice to append with '+' would break the schema
-            message = message.split(". To append")[0] + f": {cause}; list the valid keys with `--cfg job`"
+            message = message.split(". To append")[0]
+            key = re.search(r"'([^']+)'", message)
+            hint = did_you_mean(key.group(1)) if key else ""
+            message += f": {cause}{hint} (`--cfg job` lists the keys)"
         elif cause:
             message = f"{message} ({cause})"
         fail(message)
+
+
+def check_run_dir(folder: str | None, key: str) -> None:
+    """Fails in one line if the run folder cannot be made. Hydra makes it itself, and fails with two
+    chained tracebacks when it cannot. The probe is a uniquely named folder, made and removed in the
+    nearest folder that exists, so runs starting together never trip over each other's probe."""
+    if not folder:
+        return
+    existing = Path(folder)
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    try:
+        if not existing.is_dir():
+            raise NotADirectoryError(20, f"{existing} is a file")
+        import tempfile
+
+        os.rmdir(tempfile.mkdtemp(dir=existing, prefix=".rednet-write-test-"))
+    except OSError as e:
+        fail(f"cannot make the run folder {folder} ({e.strerror or e}); choose a folder you can write "
+             f"with {key}=path/to/folder")
+
+
+def log_to_file(message: str, exc_info=None) -> None:
+    """Writes ``message`` to the run's log file (``train.log``) only: the console already shows it."""
+    record = logging.LogRecord("rednet", logging.ERROR, __file__, 0, message, None, exc_info)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
 
 
 def guarded(task):
@@ -115,10 +154,18 @@ def guarded(task):
             return result
         except UserError as e:
             logging.getLogger("rednet").debug("user error", exc_info=True)
+            log_to_file(f"error: {one_line(e)}")
             if _optuna_trial() and e.exit_code == EXIT_USER_ERROR:
                 logging.getLogger("rednet").error(f"trial failed: {one_line(e)}")
                 raise
             fail(one_line(e), e.exit_code)
+        except KeyboardInterrupt:  # Ctrl-C before training started (the trainer handles it from then on)
+            message = "interrupted by Ctrl-C; nothing was saved"
+            log_to_file(f"error: {message}")
+            fail(message, 128 + signal.SIGINT)
+        except Exception:  # a bug: Hydra prints its traceback; the run's log keeps it too
+            log_to_file("error: the run failed with an unexpected error", exc_info=sys.exc_info())
+            raise
         finally:
             from rednet.engine.distributed import cleanup
 
@@ -128,6 +175,8 @@ def guarded(task):
 
 
 def _optuna_trial() -> bool:
+    if not HydraConfig.initialized():  # a task called outside Hydra (tests, a notebook)
+        return False
     hydra_cfg = HydraConfig.get()
     return hydra_cfg.mode == RunMode.MULTIRUN and hydra_cfg.sweeper._target_.endswith(".OptunaSweeper")
 

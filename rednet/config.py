@@ -8,11 +8,12 @@ checks that a type cannot express (a positive lr, a known model name) live in :f
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import difflib
+from dataclasses import dataclass, field, is_dataclass
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig
+from omegaconf import MISSING, DictConfig, OmegaConf
 
 from rednet.errors import ConfigError
 
@@ -42,7 +43,7 @@ class DataConfig:
     root: str = "data"
     download: bool = True
     batch_size: int = 128  # the global batch: split across ranks under DDP
-    num_workers: int = 4
+    num_workers: Optional[int] = None  # null: one per usable CPU core, at most 8
     pin_memory: bool = True
     persistent_workers: bool = True
     image_size: int = 32  # training crop (and the validation crop of imagenet)
@@ -154,6 +155,47 @@ CHOICES = {
 }
 
 
+def schema_keys() -> list[str]:
+    """Every key of the schema, dotted: ``trainer``, ``trainer.max_epochs``, ..."""
+    def walk(node, prefix: str):
+        for key in node:
+            path = f"{prefix}{key}"
+            yield path
+            if is_dataclass(OmegaConf.get_type(node, key)):
+                yield from walk(node[key], f"{path}.")
+    return list(walk(OmegaConf.structured(TrainConfig), ""))
+
+
+def did_you_mean(key: str) -> str:
+    """``"; did you mean trainer.max_epochs?"`` for the schema key closest to ``key``, or ``""``.
+    A key's siblings come first; then the same name under another group (``+max_epochs=5``)."""
+    keys = schema_keys()
+    parent, _, name = key.rpartition(".")
+    siblings = {k.rpartition(".")[2]: k for k in keys if k.rpartition(".")[0] == parent}
+    anywhere = {k.rpartition(".")[2]: k for k in reversed(keys)}
+    for names, cutoff in ((siblings, 0.6), (anywhere, 0.75)):
+        close = difflib.get_close_matches(name, list(names), n=1, cutoff=cutoff)
+        if close and names[close[0]] != key:
+            return f"; did you mean {names[close[0]]}?"
+    return ""
+
+
+def check_keys(cfg: DictConfig) -> None:
+    """Rejects a key the schema does not have. The schema is a struct config, but Hydra lets
+    ``+key=value`` and ``++key=value`` add keys to it, so a typo such as ``+trainer.max_epoch=1``
+    would otherwise be ignored silently. Hydra's own ``hydra.*`` keys are Hydra's to check."""
+    def walk(node, schema, prefix: str):
+        for key in node:
+            path = f"{prefix}{key}"
+            if path == "hydra":
+                continue
+            if key not in schema.keys():  # (`in schema` is False for a key whose value is missing)
+                raise ConfigError(f"{path} is not a config key{did_you_mean(path)} (`--cfg job` lists the keys)")
+            if is_dataclass(OmegaConf.get_type(schema, key)):  # a group; a dict-typed key takes any key
+                walk(node[key], schema[key], f"{path}.")
+    walk(cfg, OmegaConf.structured(TrainConfig), "")
+
+
 # The scalars of metrics.json a sweeper can optimise (val_ema.* needs trainer.ema=true).
 METRICS = ["best.acc1", "val.acc1", "val.acc5", "val.loss", "train.loss", "train.acc1", "train.images_per_s",
            "val_ema.acc1", "val_ema.acc5", "val_ema.loss"]
@@ -163,6 +205,7 @@ def validate(cfg: DictConfig | Any) -> None:
     """Checks values that the schema's types cannot, raising ConfigError naming key and fix."""
     from rednet.models import list_models
 
+    check_keys(cfg)
     if cfg.model.name not in list_models():
         raise ConfigError(f"model={cfg.model.name} is not a model; choose one of: {', '.join(list_models())}")
     for (group, key), choices in CHOICES.items():
@@ -175,7 +218,7 @@ def validate(cfg: DictConfig | Any) -> None:
     for key, value in positive.items():
         if not value > 0:
             raise ConfigError(f"{key}={value} must be positive")
-    nonneg = {"data.num_workers": cfg.data.num_workers, "trainer.label_smoothing": cfg.trainer.label_smoothing,
+    nonneg = {"data.num_workers": cfg.data.num_workers or 0, "trainer.label_smoothing": cfg.trainer.label_smoothing,
               "optim.weight_decay": cfg.optim.weight_decay, "sched.warmup_iters": cfg.sched.warmup_iters,
               "trainer.save_every_n_steps": cfg.trainer.save_every_n_steps,
               "trainer.max_bad_steps": cfg.trainer.max_bad_steps}

@@ -2,6 +2,7 @@
 fix, exit status 2, no traceback."""
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -33,6 +34,10 @@ def test_train_rejects_bad_input(tmp_path, args, fragments):
     result = run_cli("train.py", *args, f"hydra.run.dir={tmp_path}/run", f"hydra.sweep.dir={tmp_path}/sweep")
     assert_one_line_error(result, *fragments)
     assert not (tmp_path / "run" / "checkpoints").exists()
+    assert not (tmp_path / "run" / "tensorboard").exists()
+    if "data.root=/nonexistent/cifar" in args:  # it fails after Hydra made the run folder: its log says why
+        error = next(line for line in result.stderr.splitlines() if line.startswith("error: "))
+        assert error in (tmp_path / "run" / "train.log").read_text().splitlines()[-1]
 
 
 class RunsCode:
@@ -117,3 +122,77 @@ def test_glob_sweep_is_left_to_hydra(tmp_path):
                      f"hydra.sweep.dir={tmp_path}/sweep", "hydra.sweep.subdir=${hydra.job.num}")
     assert result.returncode == 0, result.stderr[-2000:]
     assert (tmp_path / "sweep/0/metrics.json").is_file() and not (tmp_path / "sweep/1").exists()
+
+
+def preflight_error(capsys, *args, config="train"):
+    """The preflight the command line runs before Hydra, in this process: its one line, or None."""
+    from rednet.cli import preflight
+
+    try:
+        preflight(config, list(args))
+    except SystemExit as e:
+        assert e.code == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: "), lines
+        return lines[0]
+    return None
+
+
+@pytest.mark.parametrize("args,fragments", [
+    (["+foo=bar"], ["foo is not a config key", "--cfg job"]),
+    (["+trainer.max_epoch=1"], ["trainer.max_epoch is not a config key", "did you mean trainer.max_epochs?"]),
+    (["++trainer.max_epoch=1"], ["did you mean trainer.max_epochs?"]),
+    (["trainer.max_epoch=1"], ["Key 'max_epoch' not in 'TrainerConfig'", "did you mean trainer.max_epochs?"]),
+    (["+data.workers=2"], ["did you mean data.num_workers?"]),
+    (["-m", "trainer.seed=1,2", "+model.kernel_sz=5,7"], ["did you mean model.kernel_size?"]),
+])
+def test_unknown_keys_are_rejected_however_spelled(capsys, tmp_path, args, fragments):
+    error = preflight_error(capsys, *args, f"hydra.run.dir={tmp_path}/run", f"hydra.sweep.dir={tmp_path}/sweep")
+    assert error is not None, f"{args} was accepted"
+    for fragment in fragments:
+        assert fragment in error, error
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("args", [
+    ["+hydra.job.env_set.OMP_NUM_THREADS=1"], ["hydra/job_logging=none"], ["hydra/launcher=basic"],
+    ["++trainer.max_epochs=3"], ["experiment=rednet26_cifar10"],
+])
+def test_hydra_keys_and_config_groups_stay_allowed(capsys, tmp_path, args):
+    assert preflight_error(capsys, *args, f"hydra.run.dir={tmp_path}/run") is None
+
+
+def test_eval_rejects_unknown_keys_too(capsys, tmp_path):
+    error = preflight_error(capsys, "ckpt=x.pt", "+data.root_dir=/data", f"hydra.run.dir={tmp_path}/e", config="eval")
+    assert "data.root_dir is not a config key; did you mean data.root?" in error
+
+
+def test_unwritable_run_folder(capsys, tmp_path):
+    (tmp_path / "afile").write_text("")
+    error = preflight_error(capsys, "data=digits", f"hydra.run.dir={tmp_path}/afile/run")
+    assert error is not None, "a run folder inside a file was accepted"
+    assert f"cannot make the run folder {tmp_path}/afile/run" in error and "hydra.run.dir=" in error
+    error = preflight_error(capsys, "-m", "trainer.seed=1,2", f"hydra.sweep.dir={tmp_path}/afile/sweep")
+    assert f"{tmp_path}/afile/sweep" in error and "hydra.sweep.dir=" in error
+    if Path("/proc/self").is_dir():  # the folder of the report: a place nobody can make folders in
+        assert "cannot make the run folder /proc/nope" in preflight_error(capsys, "hydra.run.dir=/proc/nope")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]  # the probe left nothing
+    assert preflight_error(capsys, f"hydra.run.dir={tmp_path}/new/run") is None
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+
+
+def test_checkpoint_path_that_is_a_directory(tmp_path):
+    from rednet.engine.checkpoint import read_checkpoint
+    from rednet.errors import CheckpointError
+
+    with pytest.raises(CheckpointError, match=f"checkpoint {tmp_path} is a directory, not a file; pass a checkpoint "
+                                              f"file, e.g. a run's checkpoints/best.pt"):
+        read_checkpoint(tmp_path)
+    (tmp_path / "checkpoints").mkdir()
+    for name in ("best.pt", "last.pt"):
+        torch.save({"epoch": 1}, tmp_path / "checkpoints" / name)
+    with pytest.raises(CheckpointError, match=f"is a directory, not a file; pass the file in it: "
+                                              f"{tmp_path}/checkpoints/best.pt \\(or {tmp_path}/checkpoints/last.pt\\)"):
+        read_checkpoint(tmp_path)
+    with pytest.raises(CheckpointError, match=f"pass the file in it: {tmp_path}/checkpoints/best.pt"):
+        read_checkpoint(tmp_path / "checkpoints")

@@ -45,7 +45,8 @@ def test_official_imagenet_recipe():
 def test_digits_recipe_leaves_the_other_groups_to_the_user():
     cfg = compose_config(["data=digits", "optim=adamw", "sched=step"])
     assert (cfg.optim.name, cfg.optim.lr, cfg.sched.name) == ("adamw", 1e-3, "step")
-    assert cfg.trainer.max_epochs == 25
+    assert (cfg.model.name, cfg.trainer.max_epochs) == ("rednet18", 16)  # the quick start's own model and length
+    assert compose_config(["data=digits", "model=rednet26"]).model.name == "rednet26"  # a model named wins
 
 
 def test_unknown_key_and_wrong_type_fail_at_composition():

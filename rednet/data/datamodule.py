@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 from functools import cached_property
 from typing import Any
@@ -130,8 +131,17 @@ def one_line(text: object) -> str:
     return " ".join(str(text).split())
 
 
+def default_num_workers() -> int:
+    """``data.num_workers=null``: the CPU cores this process may use, shared with the other
+    processes of this machine under torchrun, at most 8. More workers than cores only compete
+    with the training loop (and PyTorch warns about them)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(8, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
+
+
 def loader_kwargs(cfg: DataConfig | DictConfig) -> dict[str, Any]:
-    return {"num_workers": cfg.num_workers, "pin_memory": cfg.pin_memory,
+    workers = default_num_workers() if cfg.num_workers is None else cfg.num_workers
+    return {"num_workers": workers, "pin_memory": cfg.pin_memory,
             "persistent_workers": cfg.persistent_workers}
 
 

@@ -68,6 +68,9 @@ def save_checkpoint(obj: dict[str, Any], path: str | Path, keep_previous: bool =
         reason = cause.strerror if isinstance(cause, OSError) and cause.strerror else str(e).splitlines()[0]
         kept = "the previous checkpoint there is intact" if existed else "nothing was written there"
         raise CheckpointError(f"could not write checkpoint {path}: {reason}; {kept}") from e
+    except BaseException:  # a second Ctrl-C stops the write at once; `path` is untouched
+        tmp.unlink(missing_ok=True)
+        raise
     return path
 
 
@@ -79,6 +82,12 @@ def _other_copy(path: Path) -> str:
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
     """Loads a checkpoint file with ``weights_only=True``, turning every failure into one clear line."""
     path = Path(path)
+    if path.is_dir():
+        inside = [p for folder in (path / "checkpoints", path) for p in (folder / "best.pt", folder / "last.pt")
+                  if p.is_file()]
+        hint = (f"pass the file in it: {inside[0]}" + (f" (or {inside[1]})" if len(inside) > 1 else "")
+                if inside else "pass a checkpoint file, e.g. a run's checkpoints/best.pt")
+        raise CheckpointError(f"checkpoint {path} is a directory, not a file; {hint}")
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist; check the path (ckpt=... or resume=...)")
     try:

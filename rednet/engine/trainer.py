@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import random
 import signal
 import sys
@@ -109,6 +110,7 @@ def find_last_checkpoint(cfg: DictConfig, roots=("outputs", "multirun")) -> Path
 
 class Trainer:
     def __init__(self, cfg: DictConfig, run_dir: str | Path) -> None:
+        self.started = time.perf_counter()
         self.cfg = cfg
         t = cfg.trainer
         self.device = resolve_device(t.device, distributed.env_info().local_rank)
@@ -131,6 +133,7 @@ class Trainer:
         self.compile = resolve_auto("compile", t.compile, self.device)
         seed_everything(t.seed + self.dist.rank, t.deterministic)
 
+        self.log(f"run folder {self.run_dir}; building data={cfg.data.name}")
         with distributed.main_first(self.dist):  # one download, not one per rank
             self.data = build_datamodule(cfg.data)
         self.class_names = list(self.data.class_names)
@@ -144,6 +147,7 @@ class Trainer:
                               f"training images, so an epoch has no full batch; lower data.batch_size")
 
         # The model as the checkpoint stores it: no compile, no DDP wrapper.
+        self.log(f"building model={cfg.model.name}")
         self.model = build_model(cfg.model, self.data.num_classes, self.data.in_chans, self.data.image_size)
         if self.dist.enabled and t.sync_batchnorm:  # before the DDP wrap, which then syncs the statistics
             self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
@@ -170,8 +174,9 @@ class Trainer:
         self.best_epoch = -1
         self.metrics: dict = {}
         self.stop_signal: int | None = None
-        self.writer = SummaryWriter(self.run_dir / "tensorboard") if self.dist.is_main else None
+        self.writer: SummaryWriter | None = None  # made once training starts: a failed start leaves no event file
         self.ckpt_dir = self.run_dir / "checkpoints"
+        self.saved: tuple[Path, int, int, int] | None = None  # the newest last.pt: (path, epoch, batch, step)
         self.resumed_from: Path | None = None
         self.pending_rng: dict | None = None
         path = self.checkpoint_to_resume()
@@ -182,17 +187,23 @@ class Trainer:
 
     def fit(self) -> dict:
         t = self.cfg.trainer
-        self.log(f"{self.cfg.model.name}: {sum(p.numel() for p in self.model.parameters()) / 1e6:.2f}M params, "
-                 f"{self.data.num_classes} classes, {len(self.data.train_set)} train / {len(self.data.val_set)} val "
-                 f"images, device {self.device}, precision {self.dtype or torch.float32}, channels_last "
-                 f"{self.channels_last}, compile {self.compile}, "
-                 f"{self.dist.world_size} process(es), run folder {self.run_dir}")
+        if self.dist.is_main:
+            self.writer = SummaryWriter(self.run_dir / "tensorboard")
+        trained_images = train_time = 0.0
+        # Signals are caught before the line that says training starts: from then on Ctrl-C saves.
         with self.stop_on_signals(), distributed.lost_process_errors(self.dist, self.ckpt_dir / "last.pt"):
+            self.log(f"{self.cfg.model.name}: {sum(p.numel() for p in self.model.parameters()) / 1e6:.2f}M params, "
+                     f"{self.data.num_classes} classes, {len(self.data.train_set)} train / {len(self.data.val_set)} "
+                     f"val images, device {self.device}, precision {self.dtype or torch.float32}, channels_last "
+                     f"{self.channels_last}, compile {self.compile}, "
+                     f"{self.dist.world_size} process(es), run folder {self.run_dir}")
             while self.epoch < t.max_epochs:
                 train = self.train_one_epoch()
                 if self.stop_requested():  # validation can take minutes: save the epoch first
                     self.stop()
                 val = self.validate()
+                trained_images += train["images_per_s"] * train["epoch_time_s"]
+                train_time += train["epoch_time_s"]
                 self.epoch += 1
                 self.batch_in_epoch = 0
                 is_best = val.acc1 > self.best_acc1
@@ -205,11 +216,12 @@ class Trainer:
                 if self.epoch < t.max_epochs and self.stop_requested():
                     raise Interrupted(f"stopped by {signal.Signals(self.stop_signal).name} after epoch {self.epoch}; "
                                       f"saved {self.ckpt_dir / 'last.pt'}; {self.resume_hint()}", self.stop_signal)
-        if self.resumed_from is not None and self.epoch >= t.max_epochs and "val" not in self.metrics:
-            raise CheckpointError(f"{self.resumed_from} has no validation metrics to report")
-        self.write_metrics()
-        if self.writer:
-            self.writer.close()
+            if self.resumed_from is not None and self.epoch >= t.max_epochs and "val" not in self.metrics:
+                raise CheckpointError(f"{self.resumed_from} has no validation metrics to report")
+            self.write_metrics()
+            if self.writer:
+                self.writer.close()
+            self.summarize(trained_images / train_time if train_time else None)
         return self.metrics
 
     def train_one_epoch(self) -> dict:
@@ -401,6 +413,28 @@ class Trainer:
             self.writer.add_hparams(hparams, {"hparam/val_acc1": self.metrics["val"]["acc1"],
                                               "hparam/best_acc1": self.metrics["best"]["acc1"]}, run_name="hparams")
 
+    def summarize(self, images_per_s: float | None) -> None:
+        """The run's last lines: how it ended, and where its results are."""
+        if "val" not in self.metrics:
+            return
+        def show(path: Path) -> str:  # relative to where the user is, when it is below it
+            relative = os.path.relpath(path)
+            return path.as_posix() if relative.startswith("..") else relative
+
+        minutes, seconds = divmod(round(time.perf_counter() - self.started), 60)
+        speed = f", {images_per_s:.0f} train img/s" if images_per_s else ""
+        val, best = self.metrics["val"], self.metrics["best"]
+        self.log(f"finished {self.epoch} epochs in {minutes}m{seconds:02d}s{speed}: best top-1 {100 * best['acc1']:.2f}% "
+                 f"at epoch {best['epoch']}, final top-1 {100 * val['acc1']:.2f}% (top-5 {100 * val['acc5']:.2f}%)")
+        best_pt = next((p for p in (self.ckpt_dir / "best.pt",
+                                    self.resumed_from and self.resumed_from.parent / "best.pt") if p and p.is_file()), None)
+        if best_pt is not None:
+            self.log(f"  best checkpoint  {show(best_pt)}")
+        self.log(f"  metrics          {show(self.run_dir / 'metrics.json')}")
+        self.log(f"  TensorBoard      tensorboard --logdir {show(self.run_dir / 'tensorboard')}")
+        if best_pt is not None:
+            self.log(f"  evaluate it      python eval.py ckpt={show(best_pt)}")
+
     def log(self, message: str) -> None:
         if self.dist.is_main:
             log.info(message)
@@ -439,6 +473,8 @@ class Trainer:
         rng_by_rank = distributed.all_gather_object(rng_state(), self.dist)
         if self.dist.is_main:
             save_checkpoint(self.state(rng_by_rank), self.ckpt_dir / name, keep_previous=name == "last.pt")
+        if name == "last.pt":
+            self.saved = (self.ckpt_dir / name, self.epoch, self.batch_in_epoch, self.step)
         distributed.barrier(self.dist)
 
     def checkpoint_to_resume(self) -> Path | None:
@@ -515,23 +551,47 @@ class Trainer:
             self.log(f"warning: {path} holds the random state of {len(saved)} process(es) and this run has "
                      f"{self.dist.world_size}: data order and augmentations differ from an uninterrupted run's")
         self.resumed_from = path
+        self.saved = (path, self.epoch, self.batch_in_epoch, self.step)
         self.log(f"resumed from {path}: epoch {self.epoch}, step {self.step}")
         if self.epoch >= self.cfg.trainer.max_epochs:
             self.log(f"warning: {path} has trained {self.epoch} epochs and trainer.max_epochs="
                      f"{self.cfg.trainer.max_epochs}: nothing is left to train, its metrics are reported as they are; "
                      f"raise trainer.max_epochs to train on")
 
+    def unsaved(self, signum: int) -> str:
+        """What a second signal leaves behind: the newest checkpoint, and the steps after it."""
+        name, at = signal.Signals(signum).name, f"at step {self.step} (epoch {self.epoch + 1})"
+        if self.saved is None:
+            return f"stopped at once by a second {name} {at}, before the first checkpoint: nothing was saved"
+        path, epoch, batch, step = self.saved
+        held = f"after epoch {epoch}" if batch == 0 else f"in epoch {epoch + 1}"
+        since = f"the {self.step - step} step(s) since" if self.step > step else "nothing, it is up to date"
+        return (f"stopped at once by a second {name} {at}; saved: {path} (step {step}, {held}); not saved: {since}; "
+                f"continue from it with resume=auto")
+
     @contextmanager
     def stop_on_signals(self):
-        """SIGTERM (preemption) and SIGINT (Ctrl-C) finish the current step, save, and stop."""
+        """SIGTERM (preemption) and SIGINT (Ctrl-C) finish the current step, save, and stop. A second
+        one stops at once, saying what the last checkpoint holds."""
+        second: list[Interrupted] = []
+
         def request_stop(signum, frame):
-            if self.stop_signal is not None:  # a second Ctrl-C: the user insists
+            if self.stop_signal is not None:  # the user insists
+                # KeyboardInterrupt, which no library's `except Exception` swallows; it becomes one line below.
+                second.append(Interrupted(self.unsaved(signum), signum))
                 raise KeyboardInterrupt
             self.stop_signal = signum
+            if self.dist.is_main:  # os.write: print() is not safe inside a signal handler
+                os.write(sys.stderr.fileno(), f"{signal.Signals(signum).name}: finishing this step, then saving "
+                         f"{self.ckpt_dir / 'last.pt'}; press Ctrl-C again to stop at once without saving\n".encode())
 
         previous = {s: signal.signal(s, request_stop) for s in (signal.SIGTERM, signal.SIGINT)}
         try:
             yield
+        except KeyboardInterrupt:
+            if second:
+                raise second[0] from None
+            raise
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)
