@@ -155,21 +155,21 @@ CHOICES = {
 }
 
 
-def schema_keys() -> list[str]:
-    """Every key of the schema, dotted: ``trainer``, ``trainer.max_epochs``, ..."""
+def schema_keys(schema: type = TrainConfig) -> list[str]:
+    """Every key of ``schema``, dotted: ``trainer``, ``trainer.max_epochs``, ..."""
     def walk(node, prefix: str):
         for key in node:
             path = f"{prefix}{key}"
             yield path
             if is_dataclass(OmegaConf.get_type(node, key)):
                 yield from walk(node[key], f"{path}.")
-    return list(walk(OmegaConf.structured(TrainConfig), ""))
+    return list(walk(OmegaConf.structured(schema), ""))
 
 
-def did_you_mean(key: str) -> str:
+def did_you_mean(key: str, schema: type = TrainConfig) -> str:
     """``"; did you mean trainer.max_epochs?"`` for the schema key closest to ``key``, or ``""``.
     A key's siblings come first; then the same name under another group (``+max_epochs=5``)."""
-    keys = schema_keys()
+    keys = schema_keys(schema)
     parent, _, name = key.rpartition(".")
     siblings = {k.rpartition(".")[2]: k for k in keys if k.rpartition(".")[0] == parent}
     anywhere = {k.rpartition(".")[2]: k for k in reversed(keys)}
@@ -183,17 +183,21 @@ def did_you_mean(key: str) -> str:
 def check_keys(cfg: DictConfig) -> None:
     """Rejects a key the schema does not have. The schema is a struct config, but Hydra lets
     ``+key=value`` and ``++key=value`` add keys to it, so a typo such as ``+trainer.max_epoch=1``
-    would otherwise be ignored silently. Hydra's own ``hydra.*`` keys are Hydra's to check."""
+    would otherwise be ignored silently. Hydra's own ``hydra.*`` keys are Hydra's to check.
+    The schema is the config's own: export.py and visualize.py add keys to the training schema."""
+    schema = OmegaConf.get_type(cfg)
+    schema = schema if is_dataclass(schema) else TrainConfig
+
     def walk(node, schema, prefix: str):
         for key in node:
             path = f"{prefix}{key}"
             if path == "hydra":
                 continue
             if key not in schema.keys():  # (`in schema` is False for a key whose value is missing)
-                raise ConfigError(f"{path} is not a config key{did_you_mean(path)} (`--cfg job` lists the keys)")
+                raise ConfigError(f"{path} is not a config key{did_you_mean(path, schema)} (`--cfg job` lists the keys)")
             if is_dataclass(OmegaConf.get_type(schema, key)):  # a group; a dict-typed key takes any key
                 walk(node[key], schema[key], f"{path}.")
-    walk(cfg, OmegaConf.structured(TrainConfig), "")
+    walk(cfg, OmegaConf.structured(schema), "")
 
 
 # The scalars of metrics.json a sweeper can optimise (val_ema.* needs trainer.ema=true).

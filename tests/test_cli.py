@@ -167,6 +167,15 @@ def test_eval_rejects_unknown_keys_too(capsys, tmp_path):
     assert "data.root_dir is not a config key; did you mean data.root?" in error
 
 
+def test_export_and_visualize_check_against_their_own_schema(capsys, tmp_path):
+    # Their schemas add keys to the training schema: those are valid there, and suggested.
+    assert preflight_error(capsys, "ckpt=x.pt", "out=m.onnx", f"hydra.run.dir={tmp_path}/x", config="export") is None
+    error = preflight_error(capsys, "ckpt=x.pt", "+outt=m.onnx", f"hydra.run.dir={tmp_path}/x", config="export")
+    assert "outt is not a config key; did you mean out?" in error
+    error = preflight_error(capsys, "ckpt=x.pt", "+num_image=2", f"hydra.run.dir={tmp_path}/v", config="visualize")
+    assert "num_image is not a config key; did you mean num_images?" in error
+
+
 def test_unwritable_run_folder(capsys, tmp_path):
     (tmp_path / "afile").write_text("")
     error = preflight_error(capsys, "data=digits", f"hydra.run.dir={tmp_path}/afile/run")

@@ -60,7 +60,9 @@ def cifar100_root(tmp_path_factory):
 def test_every_data_yaml_validates_against_the_schema():
     for path in sorted(CONFIGS.glob("*.yaml")):
         if "# @package _global_" in path.read_text():  # a recipe: every group it sets must fit its schema
-            OmegaConf.merge(OmegaConf.structured(TrainConfig), OmegaConf.load(path))
+            recipe = OmegaConf.load(path)
+            recipe.pop("defaults", None)  # Hydra's list of the groups it overrides, not a config key
+            OmegaConf.merge(OmegaConf.structured(TrainConfig), recipe)
         cfg = OmegaConf.merge(OmegaConf.structured(DataConfig), load_data_yaml(path))
         assert cfg.name == path.stem and cfg.name in DATASETS
         assert len(cfg.mean) == len(cfg.std) == cfg.in_chans, path.name
