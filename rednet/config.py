@@ -185,8 +185,8 @@ def check_keys(cfg: DictConfig) -> None:
     ``+key=value`` and ``++key=value`` add keys to it, so a typo such as ``+trainer.max_epoch=1``
     would otherwise be ignored silently. Hydra's own ``hydra.*`` keys are Hydra's to check.
     The schema is the config's own: export.py and visualize.py add keys to the training schema."""
-    schema = OmegaConf.get_type(cfg)
-    schema = schema if is_dataclass(schema) else TrainConfig
+    schema_type = OmegaConf.get_type(cfg)
+    schema_type = schema_type if is_dataclass(schema_type) else TrainConfig
 
     def walk(node, schema, prefix: str):
         for key in node:
@@ -194,10 +194,10 @@ def check_keys(cfg: DictConfig) -> None:
             if path == "hydra":
                 continue
             if key not in schema.keys():  # (`in schema` is False for a key whose value is missing)
-                raise ConfigError(f"{path} is not a config key{did_you_mean(path, schema)} (`--cfg job` lists the keys)")
+                raise ConfigError(f"{path} is not a config key{did_you_mean(path, schema_type)} (`--cfg job` lists the keys)")
             if is_dataclass(OmegaConf.get_type(schema, key)):  # a group; a dict-typed key takes any key
                 walk(node[key], schema[key], f"{path}.")
-    walk(cfg, OmegaConf.structured(schema), "")
+    walk(cfg, OmegaConf.structured(schema_type), "")
 
 
 # The scalars of metrics.json a sweeper can optimise (val_ema.* needs trainer.ema=true).
