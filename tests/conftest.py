@@ -9,6 +9,23 @@ from hydra import compose, initialize_config_dir
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = str(ROOT / "configs")
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # One thread per worker, and for the commands a test starts: most tests wait on a process that
+    # imports torch on one core, so a worker per core finishes the suite sooner than threads do.
+    import torch
+
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+
+
+def pytest_xdist_auto_num_workers(config):
+    """``-n auto`` (the default in pyproject.toml): a worker per usable core, at most 4; none for
+    ``-m slow``, whose tests each start several processes and time signals against them."""
+    if (config.option.markexpr or "").strip() == "slow":
+        return 0
+    return max(1, min(4, len(os.sched_getaffinity(0))))
+
+
 # Tiny, fast settings for end-to-end runs on the CPU.
 FAST = ["trainer.progress=none", "trainer.device=cpu", "data.num_workers=0"]
 

@@ -219,6 +219,7 @@ def test_torch_compile_sees_each_involution_as_one_operator():
     assert "addcmul" not in graphs[0] and "unfold" not in graphs[0]
 
 
+@pytest.mark.slow  # Inductor compiles a RedNet
 def test_compiled_channels_last_training_step_matches_eager():
     # aot_eager runs AOTAutograd (fake tensors, the joint forward/backward graph, the backward
     # operator) without Inductor's code generation, which keeps the test fast. NCHW is covered

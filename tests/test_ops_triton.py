@@ -135,6 +135,7 @@ def test_only_the_requested_gradient():
     torch.testing.assert_close(grad_w.double(), want, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow  # every tap in the interpreter; test_gradcheck_float64 covers the shapes
 def test_gradcheck_float64_exhaustive():
     # Float64 is accumulated in float64, so the full finite-difference Jacobian can be checked;
     # the shape is tiny because each Jacobian column is one interpreted launch.

@@ -63,6 +63,7 @@ def test_first_ctrl_c_saves_and_stops(tmp_path):
     assert sorted(p.name for p in last.parent.iterdir()) == ["last.pt"]
 
 
+@pytest.mark.slow  # RedNet-26 steps at batch 512, slow on purpose
 def test_second_ctrl_c_before_the_first_checkpoint(tmp_path):
     proc = start(tmp_path, *SLOW_STEPS, "trainer.max_epochs=1")
     try:

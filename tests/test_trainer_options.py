@@ -144,6 +144,7 @@ def test_channels_last_is_the_layout_and_trains_like_nchw(tmp_path, reference):
     assert_same_training(run, reference[0], rtol=1e-3, grad_rtol=3e-2)
 
 
+@pytest.mark.slow  # Inductor compiles a RedNet
 def test_compile_trains_like_eager(tmp_path, reference, monkeypatch):
     from torch._dynamo.testing import CompileCounterWithBackend
 
@@ -172,6 +173,7 @@ def test_bf16_autocast_on_the_cpu(tmp_path):
     assert not trainer.scaler.is_enabled()  # bf16 has fp32's range: no loss scaling
 
 
+@pytest.mark.slow  # fp16 on the CPU is emulated
 def test_fp16_autocast_scales_the_loss_and_unscales_before_the_step(tmp_path):
     with torch.autocast("cpu", dtype=torch.float16):
         if nn.Linear(2, 2)(torch.ones(1, 2)).dtype != torch.float16:
