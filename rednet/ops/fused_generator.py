@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from rednet.ops.involution import available_impls, check_args, involution, new_output
-from rednet.ops.triton_kernels import _SUPPORTED_DTYPES, InterpretedFunction, _interpreting, triton
+from rednet.ops.triton_kernels import _SUPPORTED_DTYPES, InterpretedFunction, _interpreting, launch_kernel, triton
 
 if triton is not None:
     import triton.language as tl
@@ -341,12 +341,7 @@ if triton is not None:
 
 
 def _launch(name: str, tensor: torch.Tensor, n_programs, *args, **constexprs) -> None:
-    compiled, interpreted = _KERNELS[name]
-    if _interpreting(tensor.device):
-        meta = _INTERPRET_META[name]
-        interpreted[(n_programs(meta),)](*args, **constexprs, **meta)
-    else:
-        compiled[lambda meta: (n_programs(meta),)](*args, **constexprs)
+    launch_kernel(_KERNELS, _INTERPRET_META, name, tensor, n_programs, *args, **constexprs)
 
 
 def _dtypes(dtype: torch.dtype, device: torch.device) -> dict:

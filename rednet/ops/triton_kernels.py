@@ -266,14 +266,20 @@ def _interpreting(device: torch.device) -> bool:
     return device.type == "cpu" or os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def _launch(name: str, tensor: torch.Tensor, n_programs, *args, **constexprs) -> None:
-    """Launches kernel ``name``; ``n_programs(meta)`` gives the 1-D grid for a tile choice."""
-    compiled, interpreted = _KERNELS[name]
+def launch_kernel(kernels: dict, interpret_meta: dict, name: str, tensor: torch.Tensor, n_programs, *args,
+                  **constexprs) -> None:
+    """Launches ``kernels[name]``, autotuned on a GPU or with ``interpret_meta[name]``'s tile in
+    the interpreter; ``n_programs(meta)`` gives the 1-D grid for a tile choice."""
+    compiled, interpreted = kernels[name]
     if _interpreting(tensor.device):
-        meta = _INTERPRET_META[name]
+        meta = interpret_meta[name]
         interpreted[(n_programs(meta),)](*args, **constexprs, **meta)
     else:
         compiled[lambda meta: (n_programs(meta),)](*args, **constexprs)
+
+
+def _launch(name: str, tensor: torch.Tensor, n_programs, *args, **constexprs) -> None:
+    launch_kernel(_KERNELS, _INTERPRET_META, name, tensor, n_programs, *args, **constexprs)
 
 
 def _acc_dtype(dtype: torch.dtype):
