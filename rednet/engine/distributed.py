@@ -144,9 +144,15 @@ def main_first(info: DistInfo):
         barrier(info)
 
 
+# gloo's RuntimeErrors name their source file (".../gloo/transport/tcp/pair.cc"), except the one a
+# pair raises when its own timeout closes it, met in DDP's buffer broadcast when a rank hangs.
+_GLOO_ERRORS = ("gloo", "caused pair closure")
+
+
 def is_communication_error(error: BaseException) -> bool:
     # NCCL and the rendezvous store raise DistError; gloo raises RuntimeErrors from its own sources.
-    return isinstance(error, dist.DistError) or (isinstance(error, RuntimeError) and "gloo" in str(error))
+    return isinstance(error, dist.DistError) or (
+        isinstance(error, RuntimeError) and any(text in str(error) for text in _GLOO_ERRORS))
 
 
 @contextlib.contextmanager
