@@ -14,6 +14,7 @@ import os
 import re
 import signal
 import sys
+import tempfile
 from pathlib import Path
 
 import hydra
@@ -119,8 +120,6 @@ def check_run_dir(folder: str | None, key: str) -> None:
     try:
         if not existing.is_dir():
             raise NotADirectoryError(20, f"{existing} is a file")
-        import tempfile
-
         os.rmdir(tempfile.mkdtemp(dir=existing, prefix=".rednet-write-test-"))
     except OSError as e:
         fail(f"cannot make the run folder {folder} ({e.strerror or e}); choose a folder you can write "
@@ -144,7 +143,7 @@ def guarded(task):
     crash on. A stop by SIGTERM or Ctrl-C still stops the whole sweep.
     """
     def wrapper(cfg: DictConfig):
-        from rednet.engine.distributed import env_from_submitit
+        from rednet.integrations.submitit import env_from_submitit
 
         env_from_submitit()
         try:
@@ -225,6 +224,7 @@ def _train(cfg: DictConfig) -> float:
     """One training run. It returns ``optimized_metric`` from the run's metrics: a sweeper's objective."""
     validate(cfg)
     check_launch(cfg)
+    from rednet.engine.distributed import env_info
     from rednet.engine.trainer import Trainer
     from rednet.integrations import submitit
 
@@ -236,7 +236,7 @@ def _train(cfg: DictConfig) -> float:
     group, key = cfg.optimized_metric.split(".")
     value = metrics.get(group, {}).get(key)
     value = float("nan") if value is None else float(value)  # None: no batch was trained
-    if HydraConfig.get().mode == RunMode.MULTIRUN and os.environ.get("RANK", "0") == "0":  # what the sweeper got
+    if HydraConfig.get().mode == RunMode.MULTIRUN and env_info().is_main:  # what the sweeper got
         logging.getLogger("rednet").info(f"returns optimized_metric {cfg.optimized_metric} = {value!r}")
     return value
 
@@ -253,9 +253,14 @@ def checkpoint_and_config(cfg: DictConfig) -> tuple[dict, DictConfig]:
     from rednet.engine.checkpoint import read_checkpoint
 
     ckpt = read_checkpoint(cfg.ckpt)
-    cfg = config_for_checkpoint(cfg, ckpt.get("config"), HydraConfig.get().overrides.task)
+    return ckpt, validated_config_for(cfg, ckpt.get("config"))
+
+
+def validated_config_for(cfg: DictConfig, saved: dict | None) -> DictConfig:
+    """:func:`config_for_checkpoint` with this command line's overrides, validated."""
+    cfg = config_for_checkpoint(cfg, saved, HydraConfig.get().overrides.task)
     validate(cfg)
-    return ckpt, cfg
+    return cfg
 
 
 @guarded
@@ -268,8 +273,7 @@ def _evaluate(cfg: DictConfig) -> None:
 
         require("onnxruntime")
         info = read_sidecar(cfg.ckpt)
-        cfg = config_for_checkpoint(cfg, info["config"], HydraConfig.get().overrides.task)
-        validate(cfg)
+        cfg = validated_config_for(cfg, info["config"])
         evaluate_onnx(cfg, info, HydraConfig.get().runtime.output_dir)
         return
     ckpt, cfg = checkpoint_and_config(cfg)

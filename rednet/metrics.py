@@ -79,11 +79,9 @@ class ConfusionMatrix:
         """A matplotlib figure: counts and row-normalised matrices, annotated for up to
         ``max_labelled`` classes. Beyond that (ImageNet's 1,000) single cells are unreadable, so it
         shows the row-normalised matrix as an image beside the most frequent confusions."""
-        import matplotlib
+        from rednet.viz.images import pyplot
 
-        matplotlib.use("Agg", force=False)
-        import matplotlib.pyplot as plt
-
+        plt = pyplot()
         counts = self.matrix.double()
         normalised = counts / counts.sum(1, keepdim=True).clamp(min=1)
         n = self.num_classes
@@ -120,8 +118,6 @@ class ConfusionMatrix:
         return fig
 
     def write_png(self, path: str | Path) -> None:
-        import matplotlib.pyplot as plt
+        from rednet.viz.images import save_figure
 
-        fig = self.figure()
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
+        save_figure(self.figure(), path, dpi=110)

@@ -13,7 +13,7 @@ import pytest
 import torch.distributed as dist
 import yaml
 
-from rednet.engine.distributed import env_from_submitit
+from rednet.integrations.submitit import env_from_submitit
 from tests.conftest import CONFIG_DIR, FAST, ROOT, run_cli
 
 pytest.importorskip("hydra_plugins.hydra_submitit_launcher")

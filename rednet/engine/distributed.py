@@ -1,5 +1,5 @@
-"""DDP helpers. torchrun sets RANK, WORLD_SIZE and LOCAL_RANK (or :func:`env_from_submitit`, in a
-submitit job); without them we are one process."""
+"""DDP helpers. torchrun sets RANK, WORLD_SIZE and LOCAL_RANK (or
+:func:`rednet.integrations.submitit.env_from_submitit`, in a submitit job); without them we are one process."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ import datetime
 import io
 import os
 import re
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -64,23 +63,6 @@ def shared_store_warning() -> str | None:
         return ("warning: torchrun shares its store with the workers, so a restart can fail to connect (PyTorch "
                 "issue 135712); launch with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 torchrun --max-restarts=N ...")
     return None
-
-
-def env_from_submitit() -> None:
-    """Inside a job that submitit launched (``hydra/launcher=submitit_*``), sets what torchrun would
-    have: RANK, WORLD_SIZE and LOCAL_RANK from the job's tasks (SLURM_PROCID, SLURM_NTASKS and
-    SLURM_LOCALID on SLURM, read through submitit), MASTER_ADDR (the job's first node) and
-    MASTER_PORT (derived from the job id, so that every task agrees and jobs sharing a node do not
-    collide). Variables already set win: torchrun inside a job, or a MASTER_PORT of your own.
-    """
-    if not os.environ.get("SUBMITIT_EXECUTOR") or "RANK" in os.environ:
-        return
-    import submitit
-
-    job = submitit.JobEnvironment()
-    os.environ.update(RANK=str(job.global_rank), WORLD_SIZE=str(job.num_tasks), LOCAL_RANK=str(job.local_rank))
-    os.environ.setdefault("MASTER_ADDR", job.hostnames[0] if job.num_nodes > 1 else "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(20000 + zlib.crc32(job.job_id.encode()) % 20000))
 
 
 def init_distributed(device: torch.device, timeout_s: float = 1800) -> DistInfo:

@@ -185,15 +185,18 @@ def write_report(result: EvalResult, run_dir: str | Path, info: dict, data_cfg) 
     on stdout. ``info`` names at least the ``checkpoint``, ``model`` and ``data``."""
     from torch.utils.tensorboard import SummaryWriter
 
+    from rednet.viz.images import save_figure
+
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     report = {**result.as_dict(), **info, "per_class": result.confusion.per_class()}
     (run_dir / "metrics.json").write_text(to_json(report))
     result.confusion.write_csv(run_dir / "confusion_matrix.csv")
-    result.confusion.write_png(run_dir / "confusion_matrix.png")
+    confusion = result.confusion.figure()  # drawn once, for the file and for TensorBoard
+    save_figure(confusion, run_dir / "confusion_matrix.png", dpi=110, close=False)
     with SummaryWriter(run_dir / "tensorboard") as writer:
         for key in ("acc1", "acc5", "loss"):
             writer.add_scalar(f"eval/{key}", getattr(result, key), 0)
-        writer.add_figure("eval/confusion_matrix", result.confusion.figure(), 0, close=True)
+        writer.add_figure("eval/confusion_matrix", confusion, 0, close=True)
         write_misclassified(result, result.confusion.class_names, data_cfg, run_dir, writer)
     print(format_report(result, f"{info['model']} on {info['data']} ({info['checkpoint']}); report in {run_dir}"))

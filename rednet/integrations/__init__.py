@@ -1,7 +1,7 @@
 """Adapters to other libraries, each imported only when its library is installed and in use.
 
 - :mod:`rednet.integrations.timm`: RedNet-18 to 152 in timm's model registry;
-- :mod:`rednet.integrations.submitit`: preemption and requeue of jobs that Hydra's submitit launcher runs.
+- :mod:`rednet.integrations.submitit`: ranks, preemption and requeue for the jobs that Hydra's submitit launcher runs.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Runs launched by submitit (``python train.py -m hydra/launcher=submitit_slurm_ddp ...``).
 
-Each task of a job is one DDP process; :func:`rednet.engine.distributed.env_from_submitit` gives it
+Each task of a job is one DDP process; :func:`env_from_submitit` gives it
 its rank. What is left is requeueing. submitit asks SLURM to warn a job with SIGUSR2
 ``signal_delay_s`` before its time limit, and on that signal it requeues the job, which then runs
 the same command again, in the same run folder. Here the warning takes the path SIGTERM takes: the
@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import zlib
 from contextlib import contextmanager
 
 log = logging.getLogger("rednet")
@@ -23,6 +24,23 @@ log = logging.getLogger("rednet")
 
 def in_job() -> bool:
     return bool(os.environ.get("SUBMITIT_EXECUTOR"))
+
+
+def env_from_submitit() -> None:
+    """Inside a job that submitit launched (``hydra/launcher=submitit_*``), sets what torchrun would
+    have: RANK, WORLD_SIZE and LOCAL_RANK from the job's tasks (SLURM_PROCID, SLURM_NTASKS and
+    SLURM_LOCALID on SLURM, read through submitit), MASTER_ADDR (the job's first node) and
+    MASTER_PORT (derived from the job id, so that every task agrees and jobs sharing a node do not
+    collide). Variables already set win: torchrun inside a job, or a MASTER_PORT of your own.
+    """
+    if not in_job() or "RANK" in os.environ:
+        return
+    import submitit
+
+    job = submitit.JobEnvironment()
+    os.environ.update(RANK=str(job.global_rank), WORLD_SIZE=str(job.num_tasks), LOCAL_RANK=str(job.local_rank))
+    os.environ.setdefault("MASTER_ADDR", job.hostnames[0] if job.num_nodes > 1 else "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(20000 + zlib.crc32(job.job_id.encode()) % 20000))
 
 
 @contextmanager
