@@ -247,6 +247,26 @@ def test_export_to_a_path_that_cannot_be_written(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["a_file"]
 
 
+def test_a_failed_write_keeps_the_previous_export(tmp_path, monkeypatch):
+    # A full disk while the new pair is written: the earlier model.onnx and its sidecar stay as they were.
+    import rednet.deploy.export as export
+
+    (tmp_path / "model.onnx").write_bytes(b"the earlier export")
+    (tmp_path / "model.json").write_text("{}")
+    write = export._write
+
+    def disk_full_on_the_sidecar(path, data):
+        if path.name.startswith(".model.json"):
+            raise OSError(28, "No space left on device")
+        write(path, data)
+
+    monkeypatch.setattr(export, "_write", disk_full_on_the_sidecar)
+    with pytest.raises(DeployError, match="No space left on device; nothing was written"):
+        export_onnx(Layer().eval(), tmp_path / "model.onnx", 32, 8)
+    assert (tmp_path / "model.onnx").read_bytes() == b"the earlier export"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.json", "model.onnx"]
+
+
 def test_export_of_a_file_that_is_not_a_checkpoint(tmp_path):
     (tmp_path / "notes.pt").write_text("hello")
     result = run_cli("export.py", f"ckpt={tmp_path}/notes.pt", f"hydra.run.dir={tmp_path}/run")

@@ -196,14 +196,17 @@ def export_onnx(model: nn.Module, path: str | Path, in_chans: int, image_size: i
         info = {**(meta or {}), "in_chans": in_chans, "image_size": image_size, "input": INPUT, "output": OUTPUT,
                 "opset": OPSET, "involution": formulation,
                 "verified": {"max_difference": error, "shapes": [list(x.shape) for x in inputs]}}
+        replaced = False
         try:
             _write(temporary[0], data)
             _write(temporary[1], json.dumps(info, indent=2).encode())
             os.replace(temporary[0], path)
+            replaced = True
             os.replace(temporary[1], side)
         except OSError as e:
-            with contextlib.suppress(OSError):
-                path.unlink(missing_ok=True)
+            if replaced:  # a new model.onnx beside an old sidecar would be a mismatched pair
+                with contextlib.suppress(OSError):
+                    path.unlink(missing_ok=True)
             raise DeployError(f"cannot write {path}: {e.strerror or e}; nothing was written") from None
         return info
     finally:
