@@ -17,13 +17,20 @@ torchvision's ResNet-50 (``tv_resnet50``) in the same runtime at the same batch 
 
 ``--formulations`` exports RedNet with each of :data:`rednet.deploy.involution.FORMULATIONS`,
 to compare the ways of writing involution in ONNX operators.
+
+``--memory-batch N`` also runs every exported file three times at batch N in a fresh process of
+its own (ONNX Runtime alone, no PyTorch; Linux) and prints how far that raised the process's peak
+resident memory above what the loaded session held: the memory inference at that batch costs,
+the input batch included.
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -44,6 +51,37 @@ REFERENCE = "tv_resnet50"
 def build(name: str) -> torch.nn.Module:
     model = torchvision.models.resnet50() if name == REFERENCE else create_model(name)
     return model.eval()
+
+
+# Run in a fresh interpreter: the peak resident memory batches add to a loaded session. Linux's
+# VmHWM, not getrusage's ru_maxrss, which a process inherits across exec from its parent.
+PEAK_MEMORY = """
+import sys
+import numpy as np, onnxruntime as ort
+
+def high_water_mib():
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")) / 1024
+
+path, batch, size, threads = sys.argv[1], *map(int, sys.argv[2:])
+options = ort.SessionOptions()
+options.intra_op_num_threads = threads
+run = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+loaded = high_water_mib()
+images = np.random.default_rng(0).standard_normal((batch, 3, size, size), dtype=np.float32)
+for _ in range(3):  # ONNX Runtime plans its memory on the first run and allocates it on the second
+    run.run(None, {"images": images})
+print(high_water_mib() - loaded)
+"""
+
+
+def batch_memory_mib(model: bytes, batch: int, size: int, threads: int) -> float:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "model.onnx"
+        path.write_bytes(model)
+        out = subprocess.run([sys.executable, "-c", PEAK_MEMORY, str(path), str(batch), str(size), str(threads)],
+                             capture_output=True, text=True, check=True).stdout
+    return float(out.split()[-1])
 
 
 def interleaved_medians(calls: dict, repeats: int, warmup: int) -> dict:
@@ -72,6 +110,8 @@ def main() -> None:
                         choices=[DEFAULT, *FORMULATIONS],
                         help="involution formulations to export RedNets with")
     parser.add_argument("--no-pytorch", action="store_true", help="leave out the PyTorch rows")
+    parser.add_argument("--memory-batch", type=int, default=0,
+                        help="also measure the peak memory of one batch of this size, per file")
     args = parser.parse_args()
     unknown = [m for m in args.models if m != REFERENCE and m not in list_models()]
     if unknown:
@@ -85,12 +125,13 @@ def main() -> None:
 
     models = {name: build(name) for name in args.models}
     inputs = {b: torch.randn(b, 3, args.resolution, args.resolution) for b in args.batch_size}
-    onnx_calls, torch_calls = {}, {}
+    onnx_calls, torch_calls, files = {}, {}, {}
     for name, model in models.items():
         has_involution = name.startswith("rednet")
         for formulation in args.formulations if has_involution else ["–"]:
             proto = to_onnx(model, 3, args.resolution, formulation if has_involution else DEFAULT)
-            run = session(proto.SerializeToString(), threads=args.threads)
+            files[(name, formulation)] = proto.SerializeToString()
+            run = session(files[(name, formulation)], threads=args.threads)
             for b, x in inputs.items():
                 feed = {INPUT: x.numpy()}
                 onnx_calls[(name, formulation, b)] = lambda run=run, feed=feed: run.run([OUTPUT], feed)
@@ -121,6 +162,12 @@ def main() -> None:
             # One PyTorch figure per model: on the row of the first formulation.
             pytorch = cells(torch_s, (name, "–", b)) if formulation in ("–", args.formulations[0]) else "– | –"
             print(f"| {name} | {formulation} | {b} | {cells(onnx_s, key)} | {pytorch} |")
+    if args.memory_batch:
+        print(f"\n| model | involution in ONNX | peak memory of a batch of {args.memory_batch}, MiB |")
+        print("|---|---|---:|")
+        for (name, formulation), model in files.items():
+            mib = batch_memory_mib(model, args.memory_batch, args.resolution, args.threads)
+            print(f"| {name} | {formulation} | {mib:.0f} |")
     print(f"\n{time.perf_counter() - started:.0f} s in all")
 
 
