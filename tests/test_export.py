@@ -27,7 +27,7 @@ from rednet.ops.involution import involution_unfold  # noqa: E402
 # Operators of the ONNX standard (ai.onnx) that an exported model may use.
 STANDARD = {"Conv", "Relu", "Add", "Mul", "Sum", "Gemm", "Flatten", "ReduceMean", "ReduceSum", "MaxPool",
             "AveragePool", "Pad", "Slice", "Split", "Concat", "Reshape", "Shape", "Squeeze", "Unsqueeze", "Div",
-            "Loop", "Identity", "Max", "Sub"}
+            "Loop", "Identity", "Max", "Sub", "MatMul", "Gather", "Transpose", "Range"}
 
 
 def trained_like(name: str, size: int, num_classes: int = 10, in_chans: int = 3, seed: int = 0) -> torch.nn.Module:
@@ -98,11 +98,14 @@ class Layer(torch.nn.Module):
 @pytest.mark.parametrize("formulation", sorted(FORMULATIONS) + [DEFAULT])
 def test_every_formulation_computes_involution(formulation, monkeypatch):
     """Each way of writing the operator, alone, against the unfold reference: strides 1 and 2,
-    K = 3 and 7, odd sizes, one and several samples and groups. Loops get chunks of 3 and 5 (sample,
-    group) pairs for 8 and 12 pairs: several trips, one of them padded."""
+    K = 3 and 7, odd sizes (none a whole number of band's tiles), one and several samples and
+    groups. Loops get chunks of 3 and 5 (sample, group) pairs for 8 and 12 pairs, and band's Loop
+    chunks of 1 and 2 samples for 2 and 3: several trips, one of them padded."""
     import rednet.deploy.involution as formulations
 
     monkeypatch.setattr(formulations, "CHUNK_ELEMENTS", 3000)  # 3000 // (8 channels * 11 * 11) = 3
+    # band's windows hold 56448 values a sample at 9x11 (K=7, s=1), 23520 at 9x8 (s=2), 6720 at 5x5
+    monkeypatch.setattr(formulations, "BAND_ELEMENTS", 50000)
     torch.manual_seed(0)
     for stride, k, shape in ((1, 7, (2, 32, 9, 11)), (2, 7, (3, 32, 9, 8)), (1, 3, (1, 32, 5, 5))):
         layer = Layer(stride, k).eval()
@@ -114,6 +117,49 @@ def test_every_formulation_computes_involution(formulation, monkeypatch):
             expected = involution_unfold(x, kernels.view(b, 4, k * k, ho, wo), k, stride).numpy()
         got = session(proto.SerializeToString()).run(None, {"images": x.numpy()})[0]
         np.testing.assert_allclose(got, expected, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("producer", ["graph input", "3x3 convolution", "1x1 convolution without bias"])
+def test_auto_takes_band_only_for_a_1x1_generator(producer):
+    """``band`` computes the kernels from the generator's 1x1 convolution (a bias is optional); a
+    kernel map from anything else (an input of the graph, a 3x3 convolution) is expanded with
+    ``flat`` by ``auto``, and refused by ``band`` with its reason. Each against the reference."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from rednet.deploy.involution import DOMAIN, OP_TYPE, expand_involutions
+
+    rng = np.random.default_rng(0)
+    x, r = rng.standard_normal((2, 16, 7, 9), np.float32), rng.standard_normal((2, 4, 7, 9), np.float32)
+    size = 1 if producer.startswith("1x1") else 3
+    weight = rng.standard_normal((18, 4, size, size), np.float32) * 0.3
+    inits, nodes, feeds = [], [], {"x": x}
+    if producer == "graph input":
+        kernels = rng.standard_normal((2, 18, 7, 9), np.float32)
+        feeds["k"] = kernels
+    else:
+        inits = [numpy_helper.from_array(weight, "w")]
+        nodes.append(helper.make_node("Conv", ["r", "w"], ["k"], pads=[size // 2] * 4))
+        feeds["r"] = r
+        kernels = torch.nn.functional.conv2d(torch.from_numpy(r), torch.from_numpy(weight), padding=size // 2).numpy()
+    nodes.append(helper.make_node(OP_TYPE, ["x", "k"], ["y"], domain=DOMAIN, kernel_size=3, stride=1, dilation=1,
+                                  channels=16, groups=2, chunk=1, samples=1))
+    inputs = [helper.make_tensor_value_info(name, TensorProto.FLOAT, list(value.shape)) for name, value in feeds.items()]
+    graph = helper.make_graph(nodes, "g", inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(DOMAIN, 1)])
+
+    if size == 1:
+        expand_involutions(model)
+        assert "Conv" not in op_types(model) and op_types(model)["MatMul"] == 2  # band, the Conv inside it
+        assert not model.graph.initializer or "w" not in {i.name for i in model.graph.initializer}
+    else:
+        with pytest.raises(ValueError, match="'band' formulation needs the kernel generator's 1x1 convolution"):
+            expand_involutions(onnx.ModelProto.FromString(model.SerializeToString()), "band")
+        expand_involutions(model)
+        types = op_types(model)
+        assert "Loop" in types and "MatMul" not in types and "Gather" not in types  # flat's, not band's
+    got = session(model.SerializeToString()).run(None, feeds)[0]
+    expected = involution_unfold(torch.from_numpy(x), torch.from_numpy(kernels).view(2, 2, 9, 7, 9), 3, 1).numpy()
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-4)
 
 
 @pytest.fixture(scope="module")
@@ -146,8 +192,10 @@ def test_digits_export_matches_pytorch_and_has_a_sidecar(digits_export):
     root, model = digits_export
     proto = onnx.load(str(root / "model.onnx"))
     assert_standard(proto)
-    # The default formulation: a Loop for each 7x7 involution, a one-hot Conv for the stem's 3x3.
-    assert op_types(proto)["Loop"] == 8
+    # The default formulation, band: a Loop over samples for each involution, in which the kernel
+    # generator's last convolution became a MatMul.
+    assert op_types(proto)["Loop"] == 9
+    assert op_types(proto)["MatMul"] == 2 * 9
     assert_matches(model, proto, [(1, 1, 8), (3, 1, 8), (2, 1, 7)])
 
     info = json.loads((root / "model.json").read_text())
