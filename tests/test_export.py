@@ -208,6 +208,20 @@ def test_digits_export_matches_pytorch_and_has_a_sidecar(digits_export):
     assert not list(root.glob(".*tmp*"))
 
 
+def test_a_second_runtime_gives_the_same_logits(digits_export):
+    """Standard operators only, so any ONNX runtime runs the file: onnx's reference runtime (its
+    own Python implementation of every operator, Loop included) gives PyTorch's logits too."""
+    from onnx.reference import ReferenceEvaluator
+
+    root, model = digits_export
+    x = torch.randn(2, 1, 8, 8)
+    with torch.no_grad():
+        expected = model(x).numpy()
+    got = ReferenceEvaluator(str(root / "model.onnx")).run(None, {"images": x.numpy()})[0]
+    assert np.abs(expected).max() > 0.1
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-4)
+
+
 def test_eval_through_onnxruntime_equals_eval_through_pytorch(digits_dir, tmp_path):
     """What eval.py does for ckpt=best.pt and for ckpt=model.onnx (the command line's dispatch
     is tested below), on the same two batches of 32 of the 360 test images."""

@@ -292,7 +292,10 @@ def _loop(b: GraphBuilder, tensors: list[str], chunk: int, core, channels: int, 
          helper.make_tensor_value_info(cond, TensorProto.BOOL, [])],
         [helper.make_tensor_value_info(cond_out, TensorProto.BOOL, []),
          helper.make_tensor_value_info(out, TensorProto.FLOAT, ["size", channels, "ho", "wo"])])
-    stacked = b.op("Loop", [b.op("Squeeze", [trips, b.const([0])]), ""], body=graph)  # (trips, size, channels, Ho, Wo)
+    # An explicit condition of true: the standard lets it be left empty, but onnx's reference
+    # runtime then runs no trip at all.
+    stacked = b.op("Loop", [b.op("Squeeze", [trips, b.const([0])]), b.const(np.array(True), np.bool_)],
+                   body=graph)  # (trips, size, channels, Ho, Wo)
     shape = b.op("Concat", [b.const([-1, channels]), _spatial_shape(b, spatial_of)], axis=0)
     out = b.op("Reshape", [stacked, shape])
     return out if chunk == 1 else b.op("Slice", [out, b.const([0]), entries, b.const([0])])
