@@ -98,16 +98,18 @@ class Layer(torch.nn.Module):
 @pytest.mark.parametrize("formulation", sorted(FORMULATIONS) + [DEFAULT])
 def test_every_formulation_computes_involution(formulation, monkeypatch):
     """Each way of writing the operator, alone, against the unfold reference: strides 1 and 2,
-    K = 3 and 7, odd sizes (none a whole number of band's tiles), one and several samples and
-    groups. Loops get chunks of 3 and 5 (sample, group) pairs for 8 and 12 pairs, and band's Loop
-    chunks of 1 and 2 samples for 2 and 3: several trips, one of them padded."""
+    K = 3 and 7, odd sizes, one and several samples and groups. Loops get chunks of 3 and 5 (sample,
+    group) pairs for 8 and 12 pairs, and band's Loop chunks of 1 and 2 samples for 2 and 3: several
+    trips, one of them padded. band's tiles are of 7 pixels for output widths 11, 4 and 5 (none a
+    whole number of tiles), and of 8 for a width of 16."""
     import rednet.deploy.involution as formulations
 
     monkeypatch.setattr(formulations, "CHUNK_ELEMENTS", 3000)  # 3000 // (8 channels * 11 * 11) = 3
     # band's windows hold 56448 values a sample at 9x11 (K=7, s=1), 23520 at 9x8 (s=2), 6720 at 5x5
     monkeypatch.setattr(formulations, "BAND_ELEMENTS", 50000)
     torch.manual_seed(0)
-    for stride, k, shape in ((1, 7, (2, 32, 9, 11)), (2, 7, (3, 32, 9, 8)), (1, 3, (1, 32, 5, 5))):
+    for stride, k, shape in ((1, 7, (2, 32, 9, 11)), (2, 7, (3, 32, 9, 8)), (1, 3, (1, 32, 5, 5)),
+                             (1, 7, (3, 32, 6, 16))):
         layer = Layer(stride, k).eval()
         proto = to_onnx(layer, 32, shape[-1], formulation)
         x = torch.randn(*shape)

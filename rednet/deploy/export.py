@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from rednet.deploy.involution import DEFAULT, DOMAIN, OP_TYPE, Geometry, chunk_for, expand_involutions, samples_for
+from rednet.deploy.involution import DEFAULT, DOMAIN, OP_TYPE, Geometry, expand_involutions, for_input
 from rednet.deploy.runtime import INPUT, OUTPUT, require, session
 from rednet.errors import DeployError
 from rednet.models.involution import Involution
@@ -56,15 +56,14 @@ class _Placeholder(torch.autograd.Function):
     def symbolic(g, x, kernels, geo: Geometry):
         out = g.op(f"{DOMAIN}::{OP_TYPE}", x, kernels, kernel_size_i=geo.kernel_size, stride_i=geo.stride,
                    dilation_i=geo.dilation, channels_i=geo.channels, groups_i=geo.groups, chunk_i=geo.chunk,
-                   samples_i=geo.samples)
+                   samples_i=geo.samples, tile_i=geo.tile)
         out.setType(x.type())  # rank and dtype; the sizes are dynamic anyway
         return out
 
 
 def _placeholder_forward(self: Involution, x: torch.Tensor) -> torch.Tensor:
     kernels = self.conv2(self.conv1(self.avgpool(x)))
-    geo = Geometry(self.kernel_size, self.stride, 1, self.channels, self.groups)
-    geo = Geometry(**{**geo.__dict__, "chunk": chunk_for(geo, *x.shape[-2:]), "samples": samples_for(geo, *x.shape[-2:])})
+    geo = for_input(Geometry(self.kernel_size, self.stride, 1, self.channels, self.groups), *x.shape[-2:])
     return _Placeholder.apply(x, kernels, geo)
 
 

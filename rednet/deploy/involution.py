@@ -14,7 +14,7 @@ that, and Slice and the variadic Sum on one thread. The formulations, compared b
 ``scripts/bench_onnx.py --formulations`` (README, "Deploy"):
 
 * ``band`` (the default wherever the kernel generator ends in a 1x1 convolution, as in every
-  model of :mod:`rednet.models`): two matrix products. A tile of 7 neighbouring output pixels of
+  model of :mod:`rednet.models`): two matrix products. A tile of 7 or 8 neighbouring output pixels of
   one row reads a window of K input rows by Wt columns, gathered once, channels last; each output
   pixel is its row of a *band* matrix (its K*K kernel values at the window columns it reads,
   zeros elsewhere) times the window. The band comes straight out of the generator's 1x1
@@ -56,10 +56,12 @@ CHUNK_ELEMENTS = 1 << 15
 # a whole batch at once would hold K*Wt/t times the activation in windows, 14x for a 7x7
 # involution, 11 MiB a sample for RedNet's stage 1 at 224 px (2 GiB for RedNet-26 at batch 32).
 BAND_ELEMENTS = 1 << 22
-# Output pixels per tile of ``band``. Every feature map of RedNet at 224 px (112, 56, 28, 14, 7
-# pixels wide) is a whole number of 7-pixel tiles; other widths are padded to one. On RedNet-26's
-# layers at batch 8, tiles of 6 and 8 ran stage 1 alike and stage 3 (14 wide) 22-31% slower.
-TILE = 7
+# Output pixels per tile of ``band``: each involution takes the one that pads its output width (at
+# the size the model is exported at) least, the first on a tie. A width that is no whole number
+# of tiles is padded to one, which costs: at 256 px, 7-pixel tiles padded RedNet-26's last stages
+# (16 and 8 wide) by 31% and 75%. At 224 px every width is a multiple of 7, and tiles of 6 and 8
+# ran RedNet-26's 56-wide stage alike and its 14-wide stage 22-31% slower.
+TILES = (7, 8)
 
 
 @dataclass(frozen=True)
@@ -74,6 +76,7 @@ class Geometry:
     # size runs; only the speed and the memory depend on them).
     chunk: int = 1
     samples: int = 1
+    tile: int = TILES[0]  # output pixels per tile of ``band``, chosen likewise
 
     @property
     def group_channels(self) -> int:
@@ -89,23 +92,23 @@ class Geometry:
 
     @property
     def window_width(self) -> int:
-        """Columns of ``band``'s window: s*(TILE-1) + K, rounded up to whole units of TILE."""
-        return -(-(self.stride * (TILE - 1) + self.kernel_size) // TILE) * TILE
+        """Columns of ``band``'s window: s*(tile-1) + K, rounded up to whole units of a tile."""
+        return -(-(self.stride * (self.tile - 1) + self.kernel_size) // self.tile) * self.tile
+
+    def output_size(self, size: int) -> int:
+        return (size + 2 * self.padding - self.dilation * (self.kernel_size - 1) - 1) // self.stride + 1
 
 
-def chunk_for(geometry: Geometry, height: int, width: int) -> int:
-    """How many (sample, group) pairs of a ``height`` x ``width`` input make a chunk of about
-    CHUNK_ELEMENTS."""
-    return max(1, CHUNK_ELEMENTS // (geometry.group_channels * height * width))
-
-
-def samples_for(geometry: Geometry, height: int, width: int) -> int:
-    """How many samples of a ``height`` x ``width`` input make a trip of ``band`` of about
-    BAND_ELEMENTS gathered values."""
+def for_input(geometry: Geometry, height: int, width: int) -> Geometry:
+    """``geometry`` with the sizes chosen at export for a ``height`` x ``width`` input: Loop
+    chunks of about CHUNK_ELEMENTS input values (``loop``, ``flat``), and the tile that pads the
+    output width least and Loop trips of about BAND_ELEMENTS gathered values (``band``)."""
     g = geometry
-    ho, wo = ((size + 2 * g.padding - g.dilation * (g.kernel_size - 1) - 1) // g.stride + 1 for size in (height, width))
-    window = g.groups * ho * -(-wo // TILE) * g.kernel_size * g.window_width * g.group_channels
-    return max(1, BAND_ELEMENTS // window)
+    wo = g.output_size(width)
+    tile = min(TILES, key=lambda t: (-(-wo // t) * t, TILES.index(t)))
+    g = replace(g, chunk=max(1, CHUNK_ELEMENTS // (g.group_channels * height * width)), tile=tile)
+    window = g.groups * g.output_size(height) * -(-wo // tile) * g.kernel_size * g.window_width * g.group_channels
+    return replace(g, samples=max(1, BAND_ELEMENTS // window))
 
 
 class GraphBuilder:
@@ -344,7 +347,7 @@ def _band(b: GraphBuilder, x: str, gen: Generator, geo: Geometry) -> str:
 def _band_core(b: GraphBuilder, x: str, gen: Generator, geo: Geometry) -> str:
     """Involution as two matrix products, on ungrouped tensors (see the module's docstring).
 
-    A tile is ``t`` = TILE neighbouring output pixels of one row of one (sample, group) pair. They
+    A tile is ``t`` = ``geo.tile`` neighbouring output pixels of one row of one (sample, group) pair. They
     read a window of the padded input of K rows by Wt = s*(t-1) + K columns, channels last: a
     (K*Wt, C/G) matrix, gathered once per tile. Output pixel i of the tile is row i of a *band*
     matrix (t, K*Wt) times the window, where band row i holds the pixel's K*K kernel values at
@@ -359,7 +362,7 @@ def _band_core(b: GraphBuilder, x: str, gen: Generator, geo: Geometry) -> str:
     times faster than single pixels), so its width Wt is rounded up to whole units and the padded
     input to a whole number of units per row.
     """
-    k, s, p, cg, groups, t = geo.kernel_size, geo.stride, geo.padding, geo.group_channels, geo.groups, TILE
+    k, s, p, cg, groups, t = geo.kernel_size, geo.stride, geo.padding, geo.group_channels, geo.groups, geo.tile
     reduced_channels = gen.weight.shape[1]
     wt = geo.window_width
     units = wt // t  # units of t pixels per window row
