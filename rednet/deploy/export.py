@@ -8,7 +8,8 @@ RedNet or ResNet from :mod:`rednet.models`. The steps:
 2. :func:`rednet.deploy.fold.fold_batchnorm` folds every BatchNorm into the convolution before it,
    or into a Mul + Add after an involution;
 3. :func:`rednet.deploy.involution.expand_involutions` writes each placeholder in standard
-   operators;
+   operators (by default two matrix products, which absorb the kernel generator's last 1x1
+   convolution);
 4. the file must pass ``onnx.checker`` with only standard operators, and ONNX Runtime must give
    PyTorch's logits on two batches (two batch sizes, the export size and an odd size). Only then
    is it renamed into place: a file that disagrees is never left behind.
@@ -84,7 +85,7 @@ def to_onnx(model: nn.Module, in_chans: int, image_size: int, formulation: str =
     """The ONNX model (an ``onnx.ModelProto``) of ``model`` in eval mode: input ``images``
     (batch, in_chans, height, width) float32, output ``logits`` (batch, classes), dynamic batch,
     height and width, BatchNorm folded, involutions in standard operators. ``image_size`` is the
-    size traced at; it only sets the chunk sizes of the involutions' loops."""
+    size traced at; it only sets the involutions' loop chunks and tiles (speed and memory)."""
     onnx = require("onnx")
     from rednet.deploy.fold import fold_batchnorm
 
