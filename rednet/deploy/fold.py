@@ -31,6 +31,24 @@ def drop_initializer_identities(model) -> None:
     graph.node.extend(kept)
 
 
+def drop_unused_initializers(model) -> None:
+    """Removes the initializers that no node reads (Loop bodies included) and no output names."""
+    def read(nodes) -> set[str]:
+        names = set()
+        for node in nodes:
+            names.update(node.input)
+            for attr in node.attribute:
+                if attr.g.node:
+                    names |= read(attr.g.node)
+        return names
+
+    graph = model.graph
+    needed = read(graph.node) | {o.name for o in graph.output}
+    kept = [init for init in graph.initializer if init.name in needed]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+
+
 def fold_batchnorm(model):
     """Folds every BatchNormalization of ``model`` (in place) into the Conv that produces its input,
     or, where no Conv does, turns it into Mul + Add. Returns the model."""
@@ -47,7 +65,6 @@ def fold_batchnorm(model):
     for node in graph.node:
         for name in node.input:
             consumers[name] = consumers.get(name, 0) + 1
-    uses = dict(consumers)  # of initializers, to know which ones nothing reads any more
     producer = {out: node for node in graph.node for out in node.output}
     outputs = {o.name for o in graph.output}
     new_inits, nodes = [], []
@@ -64,8 +81,6 @@ def fold_batchnorm(model):
             raise ValueError(f"{node.name}: a BatchNormalization in training mode cannot be folded")
         eps = next((helper.get_attribute_value(a) for a in node.attribute if a.name == "epsilon"), 1e-5)
         gamma, beta, mean, var = (value(name) for name in node.input[1:5])
-        for name in node.input[1:5]:
-            uses[name] -= 1
         scale = gamma / np.sqrt(var + eps)
         shift = beta - mean * scale
         conv = producer.get(node.input[0])
@@ -73,9 +88,6 @@ def fold_batchnorm(model):
                 and node.input[0] not in outputs and conv.input[1] in protos):
             weight = value(conv.input[1])
             bias = value(conv.input[2]) if len(conv.input) > 2 and conv.input[2] else 0.0
-            for name in conv.input[1:]:
-                if name:
-                    uses[name] -= 1
             conv.input[1:] = [add(f"{node.name}/folded_weight", weight * scale[:, None, None, None]),
                               add(f"{node.name}/folded_bias", bias * scale + shift)]
             conv.output[0] = node.output[0]
@@ -86,10 +98,8 @@ def fold_batchnorm(model):
             shifted = helper.make_node("Add", [scaled.output[0], add(f"{node.name}/shift", shift.reshape(shape))],
                                        [node.output[0]], name=f"{node.name}/Add")
             nodes.extend([scaled, shifted])
-    removed = {name for name, count in uses.items() if count == 0 and name in protos}
-    kept = [init for init in graph.initializer if init.name not in removed]
     del graph.node[:]
     graph.node.extend(nodes)
-    del graph.initializer[:]
-    graph.initializer.extend(kept + new_inits)
+    graph.initializer.extend(new_inits)
+    drop_unused_initializers(model)  # the BatchNorms' parameters and the folded Convs' old weights
     return model

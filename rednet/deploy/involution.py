@@ -44,6 +44,8 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+from rednet.deploy.fold import drop_unused_initializers
+
 DOMAIN = "rednet"  # the placeholder's operator domain, gone from the finished file
 OP_TYPE = "Involution"
 _END = np.iinfo(np.int64).max  # a Slice end meaning "to the end of the axis"
@@ -96,7 +98,9 @@ class Geometry:
         return -(-(self.stride * (self.tile - 1) + self.kernel_size) // self.tile) * self.tile
 
     def output_size(self, size: int) -> int:
-        return (size + 2 * self.padding - self.dilation * (self.kernel_size - 1) - 1) // self.stride + 1
+        from rednet.ops.involution import output_size
+
+        return output_size(size, self.kernel_size, self.stride, self.dilation)
 
 
 def for_input(geometry: Geometry, height: int, width: int) -> Geometry:
@@ -109,6 +113,11 @@ def for_input(geometry: Geometry, height: int, width: int) -> Geometry:
     g = replace(g, chunk=max(1, CHUNK_ELEMENTS // (g.group_channels * height * width)), tile=tile)
     window = g.groups * g.output_size(height) * -(-wo // tile) * g.kernel_size * g.window_width * g.group_channels
     return replace(g, samples=max(1, BAND_ELEMENTS // window))
+
+
+def _dim(b: "GraphBuilder", name: str, axis: int) -> str:
+    """The size of ``name``'s ``axis``, as a 1-element int64 tensor."""
+    return b.op("Slice", [b.op("Shape", [name]), b.const([axis]), b.const([axis + 1])])
 
 
 class GraphBuilder:
@@ -273,7 +282,7 @@ def _loop(b: GraphBuilder, tensors: list[str], chunk: int, core, channels: int, 
     from onnx import TensorProto, helper
 
     one = b.const([1])
-    entries = b.op("Slice", [b.op("Shape", [tensors[0]]), b.const([0]), one])  # M, as a 1-element tensor
+    entries = _dim(b, tensors[0], 0)  # M
     if chunk == 1:
         trips, size, padded = entries, one, tensors
     else:
@@ -369,14 +378,11 @@ def _band_core(b: GraphBuilder, x: str, gen: Generator, geo: Geometry) -> str:
     row = k * wt + s
     c = b.const
 
-    def dim(name: str, axis: int) -> str:
-        return b.op("Slice", [b.op("Shape", [name]), c([axis]), c([axis + 1])])
-
     def ceil_to(value: str, multiple: int) -> str:
         return b.op("Mul", [b.op("Div", [b.op("Add", [value, c([multiple - 1])]), c([multiple])]), c([multiple])])
 
-    h, w = dim(x, 2), dim(x, 3)
-    ho, wo = dim(gen.reduced, 2), dim(gen.reduced, 3)
+    h, w = _dim(b, x, 2), _dim(b, x, 3)
+    ho, wo = _dim(b, gen.reduced, 2), _dim(b, gen.reduced, 3)
     wo_tiles = ceil_to(wo, t)  # output columns, whole tiles
 
     # The band: (tiles, t, K*Wt), tiles ordered (sample, group, row, tile of the row).
@@ -408,7 +414,7 @@ def _band_core(b: GraphBuilder, x: str, gen: Generator, geo: Geometry) -> str:
     def steps(count: str, step: str, shape: list[int]) -> str:
         return b.op("Reshape", [b.op("Mul", [b.op("Range", [c(0), b.op("Squeeze", [count]), c(1)]), step]), c(shape)])
 
-    pairs = b.op("Slice", [b.op("Shape", [xt]), c([0]), c([1])])
+    pairs = _dim(b, xt, 0)
     start = b.op("Add", [b.op("Add", [steps(pairs, b.op("Mul", [hp, wp_units]), [-1, 1, 1]),
                                      steps(ho, b.op("Mul", [wp_units, c([s])]), [1, -1, 1])]),
                          steps(b.op("Div", [wo_tiles, c([t])]), c([s]), [1, 1, -1])])  # first unit of each window
@@ -491,17 +497,6 @@ def find_generator(graph, kernels: str) -> tuple[Generator, int] | None:
     return Generator(node.input[0], weight[:, :, 0, 0].astype(np.float32), bias.astype(np.float32)), position
 
 
-def _inputs_read(nodes) -> set[str]:
-    """Every tensor name the ``nodes`` read, Loop bodies included."""
-    names = set()
-    for node in nodes:
-        names.update(node.input)
-        for attr in node.attribute:
-            if attr.g.node:
-                names |= _inputs_read(attr.g.node)
-    return names
-
-
 def expand_involutions(model, formulation: str = DEFAULT):
     """Replaces every ``rednet::Involution`` placeholder of the ONNX ``model`` (in place) by
     standard operators, and drops the ``rednet`` domain from its imports. Where the formulation
@@ -529,12 +524,9 @@ def expand_involutions(model, formulation: str = DEFAULT):
     for index, node in enumerate(graph.node):
         if index not in dropped:
             nodes.extend(replaced.get(index, [node]))
-    orphans = {name for index in dropped for name in graph.node[index].input[1:]} - _inputs_read(nodes)
     del graph.node[:]
     graph.node.extend(nodes)
-    kept_inits = [init for init in graph.initializer if init.name not in orphans]
-    del graph.initializer[:]
-    graph.initializer.extend(kept_inits)
+    drop_unused_initializers(model)  # the weights of the generator convolutions band absorbed
     kept = [o for o in model.opset_import if o.domain != DOMAIN]
     del model.opset_import[:]
     model.opset_import.extend(kept)
