@@ -35,7 +35,7 @@ class _ReadPresentFiles:
 
     title: str
 
-    def __init__(self, root: str, train: bool, transform: Any = None) -> None:
+    def __init__(self, root: str, train: bool, classes: list[str], transform: Any = None) -> None:
         datasets.VisionDataset.__init__(self, root, transform=transform)
         self.train = train
         data, targets = [], []
@@ -45,7 +45,7 @@ class _ReadPresentFiles:
             targets.extend(labels)
         self.data = np.concatenate(data).transpose(0, 2, 3, 1)  # HWC, as torchvision's __getitem__ expects
         self.targets = targets
-        self.classes = read_class_names(type(self), self.root)
+        self.classes = list(classes)  # read once by build_cifar, not again for each split
         self.class_to_idx = {name: i for i, name in enumerate(self.classes)}
 
 
@@ -148,9 +148,10 @@ def _not_found(cls: type, root: str, missing: list[str]) -> DataError:
                      f"data.root at the folder that holds {cls.base_folder}")
 
 
-def _load(cls: type, root: str, train: bool, transform: transforms.Compose, num_classes: int) -> datasets.CIFAR10:
+def _load(cls: type, root: str, train: bool, transform: transforms.Compose, classes: list[str]) -> datasets.CIFAR10:
     folder = os.path.join(root, cls.base_folder)
-    dataset = cls(root, train=train, transform=transform)
+    dataset = cls(root, train=train, classes=classes, transform=transform)
+    num_classes = len(classes)
     labels = np.asarray(dataset.targets)
     if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
         raise DataError(f"{cls.title} labels in {folder} run from {labels.min()} to {labels.max()}, but the meta file "
@@ -175,7 +176,7 @@ def build_cifar(cfg: DataConfig | DictConfig) -> DataModule:
     val_tf = transforms.Compose([transforms.ToTensor(), norm])
     return DataModule(
         name=cfg.name, class_names=class_names, in_chans=3, image_size=32,
-        make_train_set=partial(_load, cls, root, True, train_tf, len(class_names)),
-        make_val_set=partial(_load, cls, root, False, val_tf, len(class_names)),
+        make_train_set=partial(_load, cls, root, True, train_tf, class_names),
+        make_val_set=partial(_load, cls, root, False, val_tf, class_names),
         **loader_kwargs(cfg),
     )

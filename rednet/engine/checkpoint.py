@@ -63,14 +63,12 @@ def save_checkpoint(obj: dict[str, Any], path: str | Path, keep_previous: bool =
     except (OSError, RuntimeError) as e:
         # torch.save reports a failed write (a full disk) as a RuntimeError of its zip writer,
         # raised while handling the OSError that says why.
-        tmp.unlink(missing_ok=True)
         cause = e if isinstance(e, OSError) else e.__context__
         reason = cause.strerror if isinstance(cause, OSError) and cause.strerror else str(e).splitlines()[0]
         kept = "the previous checkpoint there is intact" if existed else "nothing was written there"
         raise CheckpointError(f"could not write checkpoint {path}: {reason}; {kept}") from e
-    except BaseException:  # a second Ctrl-C stops the write at once; `path` is untouched
+    finally:  # gone after the rename; after a failure or a second Ctrl-C, `path` is untouched
         tmp.unlink(missing_ok=True)
-        raise
     return path
 
 

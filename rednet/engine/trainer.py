@@ -196,7 +196,7 @@ class Trainer:
                      f"{self.data.num_classes} classes, {len(self.data.train_set)} train / {len(self.data.val_set)} "
                      f"val images, device {self.device}, precision {self.dtype or torch.float32}, channels_last "
                      f"{self.channels_last}, compile {self.compile}, "
-                     f"{self.dist.world_size} process(es), run folder {self.run_dir}")
+                     f"{self.dist.world_size} process(es)")  # the run folder was logged at start-up
             while self.epoch < t.max_epochs:
                 train = self.train_one_epoch()
                 if self.stop_requested():  # validation can take minutes: save the epoch first
