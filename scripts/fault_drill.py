@@ -92,13 +92,14 @@ def equal(a: tuple[dict, dict], b: tuple[dict, dict]) -> bool:
     return a[0] == b[0] and a[1].keys() == b[1].keys() and all(torch.equal(a[1][k], b[1][k]) for k in a[1])
 
 
-def wait_for(predicate, proc: subprocess.Popen, timeout: float) -> bool:
+def wait_for(predicate, proc: subprocess.Popen, timeout: float):
+    """The predicate's first true value, or False if the process ends or the time runs out."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             return False
-        if predicate():
-            return True
+        if found := predicate():
+            return found
         time.sleep(0.002)
     return False
 
@@ -162,7 +163,8 @@ def ddp_drill(index: int, base: Path, reference: tuple[dict, dict], rng: random.
         record["note"] = f"run ended before its first checkpoint (rc={proc.poll()})"
         return record
     if where == "write":
-        found = wait_for(lambda: writing(ckpt.parent), proc, TIMEOUT) and writing(ckpt.parent)
+        # The value the wait saw: a second glob could miss a temporary file renamed in between.
+        found = wait_for(lambda: writing(ckpt.parent), proc, TIMEOUT)
         victim = int(found[0].name.rsplit("-", 1)[1]) if found else None
     else:
         time.sleep(rng.uniform(0.0, 8.0))
