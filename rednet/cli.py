@@ -22,7 +22,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from rednet.config import TrainConfig, check_keys, did_you_mean, register_configs, validate
+from rednet.config import SCHEMAS, TrainConfig, check_keys, did_you_mean, register_configs, validate
 from rednet.errors import ConfigError, UserError
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
@@ -101,7 +101,7 @@ def preflight(config_name: str, argv: list[str]) -> None:
         if cause.startswith("Key '"):  # Hydra's advice to append with '+' would break the schema
             message = message.split(". To append")[0]
             key = re.search(r"'([^']+)'", message)
-            hint = did_you_mean(key.group(1)) if key else ""
+            hint = did_you_mean(key.group(1), SCHEMAS.get(config_name, TrainConfig)) if key else ""
             message += f": {cause}{hint} (`--cfg job` lists the keys)"
         elif cause:
             message = f"{message} ({cause})"

@@ -137,10 +137,13 @@ class VisualizeConfig(TrainConfig):
     point: Optional[list[int]] = None  # [y, x] in image pixels for the kernels at one point; null: the centre
 
 
+# Each command's config (configs/<name>.yaml) and its schema; eval.py's is the training schema.
+SCHEMAS = {"train": TrainConfig, "export": ExportConfig, "visualize": VisualizeConfig}
+
+
 def register_configs() -> None:
-    ConfigStore.instance().store(name="train_schema", node=TrainConfig)
-    ConfigStore.instance().store(name="export_schema", node=ExportConfig)
-    ConfigStore.instance().store(name="visualize_schema", node=VisualizeConfig)
+    for name, schema in SCHEMAS.items():
+        ConfigStore.instance().store(name=f"{name}_schema", node=schema)
 
 
 CHOICES = {

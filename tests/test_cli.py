@@ -176,6 +176,9 @@ def test_export_and_visualize_check_against_their_own_schema(capsys, tmp_path):
     assert "outt is not a config key; did you mean out?" in error
     error = preflight_error(capsys, "ckpt=x.pt", "+num_image=2", f"hydra.run.dir={tmp_path}/v", config="visualize")
     assert "num_image is not a config key; did you mean num_images?" in error
+    # Spelled without +, Hydra itself refuses the key; the hint comes from the same schema.
+    error = preflight_error(capsys, "ckpt=x.pt", "outt=m.onnx", f"hydra.run.dir={tmp_path}/x", config="export")
+    assert "Key 'outt' not in 'ExportConfig'; did you mean out?" in error
 
 
 def test_unwritable_run_folder(capsys, tmp_path):
