@@ -1,3 +1,4 @@
+import contextlib
 import os
 import subprocess
 import sys
@@ -5,6 +6,10 @@ from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from rednet.config import DataConfig
+from rednet.errors import DataError
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = str(ROOT / "configs")
@@ -60,3 +65,34 @@ def _no_ddp_variables_leak():
     yield
     after = {k: os.environ.get(k) for k in _DDP_VARS}
     assert after == before, f"this test leaked torchrun variables into os.environ: {after}"
+
+
+# Data configs for tests that build datasets directly (tests/test_data.py, tests/test_untrusted_data.py).
+CONFIGS = ROOT / "configs" / "data"
+
+
+def load_data_yaml(path: Path):
+    """The data node of a configs/data file; a ``# @package _global_`` file holds it under ``data:``."""
+    node = OmegaConf.load(path)
+    return node.data if "# @package _global_" in path.read_text() else node
+
+
+def data_cfg(name: str, **overrides):
+    """The schema, then configs/data/<name>.yaml where it exists, then overrides: as Hydra composes them."""
+    parts = [OmegaConf.structured(DataConfig)]
+    if (CONFIGS / f"{name}.yaml").exists():
+        parts.append(load_data_yaml(CONFIGS / f"{name}.yaml"))
+    parts.append(OmegaConf.create({"name": name, "num_workers": 0, **overrides}))
+    return OmegaConf.merge(*parts)
+
+
+@contextlib.contextmanager
+def raises_one_line(match: str | None):
+    """A DataError matching ``match`` whose message is one line: the CLI prints it as one."""
+    with pytest.raises(DataError, match=match) as info:
+        yield info
+    assert "\n" not in str(info.value), str(info.value)
+
+
+def folder_cfg(root, **overrides):
+    return data_cfg("imagenet", root=root, image_size=32, val_resize=36, **overrides)

@@ -1,6 +1,5 @@
 """Datasets through the real torchvision and scikit-learn readers, on tiny files in the real formats."""
 
-import contextlib
 import os
 import pickle
 import socket
@@ -15,34 +14,11 @@ from torchvision.datasets.utils import check_integrity
 from rednet.config import DataConfig, TrainConfig
 from rednet.data import DATASETS, ShardSampler, build_datamodule
 from rednet.errors import DataError
+from tests.conftest import CONFIGS, data_cfg, folder_cfg, load_data_yaml, raises_one_line
 from tests.fakedata import CIFAR10_CLASSES, make_cifar, make_imagefolder, write_corrupt_image
 
-CONFIGS = Path(__file__).parents[1] / "configs" / "data"
 # Single-channel statistics of the digits training split (seed 0), scaled to [0, 1].
 DIGITS = {"in_chans": 1, "image_size": 8, "mean": [0.3054], "std": [0.3761]}
-
-
-def load_data_yaml(path: Path):
-    """The data node of a configs/data file; a ``# @package _global_`` file holds it under ``data:``."""
-    node = OmegaConf.load(path)
-    return node.data if "# @package _global_" in path.read_text() else node
-
-
-def data_cfg(name: str, **overrides):
-    """The schema, then configs/data/<name>.yaml where it exists, then overrides: as Hydra composes them."""
-    parts = [OmegaConf.structured(DataConfig)]
-    if (CONFIGS / f"{name}.yaml").exists():
-        parts.append(load_data_yaml(CONFIGS / f"{name}.yaml"))
-    parts.append(OmegaConf.create({"name": name, "num_workers": 0, **overrides}))
-    return OmegaConf.merge(*parts)
-
-
-@contextlib.contextmanager
-def raises_one_line(match: str):
-    """A DataError matching ``match`` whose message is one line: the CLI prints it as one."""
-    with pytest.raises(DataError, match=match) as info:
-        yield info
-    assert "\n" not in str(info.value), str(info.value)
 
 
 @pytest.fixture(scope="module")
@@ -166,10 +142,6 @@ def test_channel_count_of_mean_and_std_is_checked(cifar10_root):
 
 
 # ImageFolder
-
-def folder_cfg(root, **overrides):
-    return data_cfg("imagenet", root=root, image_size=32, val_resize=36, **overrides)
-
 
 def test_imagefolder_shapes_labels_and_class_names(tmp_path):
     root = make_imagefolder(tmp_path, classes=("cat", "dog", "fox"), n_train=4, n_val=2, size=(40, 48))
