@@ -197,7 +197,8 @@ def check_keys(cfg: DictConfig) -> None:
             if path == "hydra":
                 continue
             if key not in schema.keys():  # (`in schema` is False for a key whose value is missing)
-                raise ConfigError(f"{path} is not a config key{did_you_mean(path, schema_type)} (`--cfg job` lists the keys)")
+                raise ConfigError(f"{path} is not a config key{did_you_mean(path, schema_type)} "
+                                  f"(`--cfg job` lists the keys)")
             if is_dataclass(OmegaConf.get_type(schema, key)):  # a group; a dict-typed key takes any key
                 walk(node[key], schema[key], f"{path}.")
     walk(cfg, OmegaConf.structured(schema_type), "")
@@ -266,7 +267,8 @@ def validate(cfg: DictConfig | Any) -> None:
         raise ConfigError(f"optimized_metric={cfg.optimized_metric} is not a metric of the run; choose one of: "
                           f"{', '.join(METRICS)}")
     if cfg.optimized_metric.startswith("val_ema.") and not cfg.trainer.ema:
-        raise ConfigError(f"optimized_metric={cfg.optimized_metric} needs the EMA of the weights: add trainer.ema=true, "
+        raise ConfigError(f"optimized_metric={cfg.optimized_metric} needs the EMA of the weights: add "
+                          f"trainer.ema=true, "
                           f"or optimise val.{cfg.optimized_metric.split('.')[1]}")
     _validate_involution(cfg.model)
     out = cfg.get("out")

@@ -222,7 +222,8 @@ def main() -> None:
                     print(f"{where} skipped (--budget-s {args.budget_s:.0f}) | | | | | | |")
                     continue
                 best = " (best)" if r is ref else ""
-                print(f"{where} {r['train']:.1f}{best} | {ratio(r, 'train')} | {r['infer']:.1f} | {ratio(r, 'infer')} | "
+                print(f"{where} {r['train']:.1f}{best} | {ratio(r, 'train')} | {r['infer']:.1f} | "
+                      f"{ratio(r, 'infer')} | "
                       f"{r['peak_mib']:.0f} | {ratio(r, 'peak_mib')} | {r['warmup_s']:.1f} |", flush=True)
                 if r["profile"] is not None and r["model"] == args.models[0]:
                     profiles[f"{r['layout']}, {r['mode']}, {r['res']} px, batch {r['batch']}"] = r["profile"]

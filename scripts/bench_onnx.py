@@ -154,7 +154,8 @@ def main() -> None:
 
     print(environment(torch.device("cpu")) + f"; onnxruntime {ort.__version__}; {args.threads} threads in both; "
           f"{args.resolution} px, fp32, median of {args.repeats} interleaved calls\n")
-    print(f"| model | involution in ONNX | batch | ONNX Runtime img/s | × {REFERENCE} | PyTorch img/s | × {REFERENCE} |")
+    print(f"| model | involution in ONNX | batch | ONNX Runtime img/s | × {REFERENCE} | PyTorch img/s "
+          f"| × {REFERENCE} |")
     print("|---|---|---:|---:|---:|---:|---:|")
     for b in args.batch_size:
         for key in [k for k in onnx_s if k[-1] == b]:

@@ -44,8 +44,8 @@ RUN = ["data=digits", "model=rednet18", "trainer.max_epochs=3", "data.batch_size
        "trainer.device=cpu", "trainer.save_every_n_steps=7"]
 MODES = [("step", signal.SIGKILL), ("step", signal.SIGTERM), ("write", signal.SIGKILL), ("write", signal.SIGTERM)]
 # Two ranks of 32 images each; 2 epochs of 12 steps keep a drill near a minute of training.
-DDP_RUN = ["trainer=ddp", *RUN, "trainer.max_epochs=2", "trainer.limit_train_batches=12", "trainer.save_every_n_steps=4",
-           "resume=if_exists"]
+DDP_RUN = ["trainer=ddp", *RUN, "trainer.max_epochs=2", "trainer.limit_train_batches=12",
+           "trainer.save_every_n_steps=4", "resume=if_exists"]
 # (moment, target, signal): what a lost worker, a crash during a write, and a preemption look like.
 DDP_MODES = [("step", "rank 1", signal.SIGKILL), ("write", "rank 0", signal.SIGKILL),
              ("step", "torchrun", signal.SIGTERM)]
@@ -189,7 +189,8 @@ def ddp_drill(index: int, base: Path, reference: tuple[dict, dict], rng: random.
         record["rc"] = proc.wait(timeout=TIMEOUT)
     if record["rc"] != 0:
         log = (run_dir.parent / "torchrun.log").read_text().strip().splitlines()
-        record["note"] = f"did not complete (rc={record['rc']}): {[l for l in log if 'error' in l.lower()][-1:]}"
+        errors = [line for line in log if "error" in line.lower()]
+        record["note"] = f"did not complete (rc={record['rc']}): {errors[-1:]}"
         return record
     return finish(record, run_dir, reference)
 

@@ -39,7 +39,8 @@ def markdown(rows: list[dict]) -> str:
              "|---|---:|---:|---:|---:|"]
     for r in rows:
         official = "{:.2f} / {:.2f}".format(*r["official"]) if r["official"] else "–"
-        lines.append(f"| {r['model']} | {r['params_m']:.2f} | {r['gmacs_224']:.2f} | {r['gmacs_32']:.3f} | {official} |")
+        lines.append(f"| {r['model']} | {r['params_m']:.2f} | {r['gmacs_224']:.2f} | {r['gmacs_32']:.3f} "
+                     f"| {official} |")
     return "\n".join(lines)
 
 

@@ -98,7 +98,8 @@ def category_table(costs: list[OpCost], ceilings: Ceilings) -> str:
                      f"{sum(c.bytes for c in part) / 1e9:.2f} | {ceilings.floor_ms(phases.get('forward', [])):.2f} | "
                      f"{ceilings.floor_ms(phases.get('backward', [])):.2f} | {floor:.2f} | {floor / total:.0%} | "
                      f"{ceilings.bound(part)} |")
-    lines.append(f"| step | {len(costs)} | {sum(c.flops for c in costs) / 1e9:.1f} | {sum(c.bytes for c in costs) / 1e9:.2f} "
+    flops, moved = sum(c.flops for c in costs) / 1e9, sum(c.bytes for c in costs) / 1e9
+    lines.append(f"| step | {len(costs)} | {flops:.1f} | {moved:.2f} "
                  f"| | | {total:.2f} | 100% | {ceilings.bound(costs)} |")
     return "\n".join(lines)
 

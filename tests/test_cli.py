@@ -206,7 +206,8 @@ def test_checkpoint_path_that_is_a_directory(tmp_path):
     for name in ("best.pt", "last.pt"):
         torch.save({"epoch": 1}, tmp_path / "checkpoints" / name)
     with pytest.raises(CheckpointError, match=f"is a directory, not a file; pass the file in it: "
-                                              f"{tmp_path}/checkpoints/best.pt \\(or {tmp_path}/checkpoints/last.pt\\)"):
+                                              f"{tmp_path}/checkpoints/best.pt "
+                                              f"\\(or {tmp_path}/checkpoints/last.pt\\)"):
         read_checkpoint(tmp_path)
     with pytest.raises(CheckpointError, match=f"pass the file in it: {tmp_path}/checkpoints/best.pt"):
         read_checkpoint(tmp_path / "checkpoints")

@@ -4,7 +4,6 @@ import os
 import pickle
 import socket
 import urllib.error
-from pathlib import Path
 
 import pytest
 import torch
@@ -131,7 +130,7 @@ def test_cifar_corrupt_batch_file(tmp_path):
         f.write(b"not a pickle")
     dm = build_datamodule(data_cfg("cifar10", root=root, download=False))  # cheap: batches load lazily
     with raises_one_line("CIFAR-10 files in .* are unreadable"):
-        dm.train_set
+        _ = dm.train_set
 
 
 def test_channel_count_of_mean_and_std_is_checked(cifar10_root):
@@ -204,7 +203,7 @@ def test_imagefolder_layout_errors(tmp_path):
     os.remove(os.path.join(root, "train", "dog", "dog_000.jpg"))
     dm = build_datamodule(folder_cfg(root))
     with raises_one_line(r"no images in .*empty.train for 1 class\(es\): dog"):
-        dm.train_set
+        _ = dm.train_set
 
 
 def test_hidden_folders_are_not_classes(tmp_path):

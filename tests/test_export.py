@@ -145,7 +145,8 @@ def test_auto_takes_band_only_for_a_1x1_generator(producer):
         kernels = torch.nn.functional.conv2d(torch.from_numpy(r), torch.from_numpy(weight), padding=size // 2).numpy()
     nodes.append(helper.make_node(OP_TYPE, ["x", "k"], ["y"], domain=DOMAIN, kernel_size=3, stride=1, dilation=1,
                                   channels=16, groups=2, chunk=1, samples=1))
-    inputs = [helper.make_tensor_value_info(name, TensorProto.FLOAT, list(value.shape)) for name, value in feeds.items()]
+    inputs = [helper.make_tensor_value_info(name, TensorProto.FLOAT, list(value.shape))
+              for name, value in feeds.items()]
     graph = helper.make_graph(nodes, "g", inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(DOMAIN, 1)])
 

@@ -148,7 +148,8 @@ def test_empty_batch_is_skipped_not_counted_as_non_finite(tmp_path, caplog):
         metrics = trainer.fit()
     assert metrics["epoch"] == 2 and metrics["step"] == 10  # one batch per epoch skipped
     assert "warning: no readable image in batch 3 of epoch 1; batch skipped" in caplog.text
-    assert torch.isfinite(torch.tensor(metrics["train"]["loss"])) and torch.isfinite(torch.tensor(metrics["val"]["loss"]))
+    assert torch.isfinite(torch.tensor(metrics["train"]["loss"]))
+    assert torch.isfinite(torch.tensor(metrics["val"]["loss"]))
 
 
 def test_resume_refuses_another_model_or_optimizer(tmp_path):
@@ -193,7 +194,7 @@ def test_metrics_json_writes_a_diverged_loss_as_null():
 def test_resume_past_max_epochs_says_nothing_is_left(tmp_path, caplog):
     Trainer(compose_config(FAST + RUN + ["trainer.max_epochs=1"]), tmp_path / "run").fit()
     with caplog.at_level("INFO"):
-        metrics = Trainer(compose_config(FAST + RUN + ["trainer.max_epochs=1", f"resume={tmp_path}/run/checkpoints/last.pt"]),
-                          tmp_path / "again").fit()
+        cfg = compose_config(FAST + RUN + ["trainer.max_epochs=1", f"resume={tmp_path}/run/checkpoints/last.pt"])
+        metrics = Trainer(cfg, tmp_path / "again").fit()
     assert metrics["epoch"] == 1
     assert "has trained 1 epochs and trainer.max_epochs=1: nothing is left to train" in caplog.text

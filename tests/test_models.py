@@ -38,7 +38,8 @@ def test_official_mmcls_checkpoint_loads_strictly(tmp_path):
     torch.save({"meta": {"epoch": 130}, "state_dict": state}, tmp_path / "rednet26.pth")
     model = load_weights(create_model("rednet26"), tmp_path / "rednet26.pth")
     torch.testing.assert_close(model.state_dict()["head.fc.weight"], state["head.fc.weight"])
-    torch.testing.assert_close(model.backbone.layer3[2].conv2.conv2.conv.bias, state["backbone.layer3.2.conv2.conv2.conv.bias"])
+    torch.testing.assert_close(model.backbone.layer3[2].conv2.conv2.conv.bias,
+                               state["backbone.layer3.2.conv2.conv2.conv.bias"])
 
 
 def test_resnet50_matches_torchvision_params():
@@ -101,8 +102,8 @@ def test_cifar_stem_keeps_names_and_resolution():
 
 def test_rednet18_is_basicblocks_with_7x7_involution():
     model = create_model("rednet18", num_classes=10)
-    blocks = [b for layer in (model.backbone.layer1, model.backbone.layer2, model.backbone.layer3, model.backbone.layer4)
-              for b in layer]
+    backbone = model.backbone
+    blocks = [b for layer in (backbone.layer1, backbone.layer2, backbone.layer3, backbone.layer4) for b in layer]
     assert len(blocks) == 8
     assert all(isinstance(b.conv2, Involution) and b.conv2.kernel_size == 7 for b in blocks)
     assert all(isinstance(b.conv1, nn.Conv2d) and b.conv1.kernel_size == (3, 3) for b in blocks)
@@ -133,8 +134,8 @@ def test_keyword_arguments():
 
 def test_drop_path_drops_whole_residual_branches():
     model = create_model("rednet18", num_classes=10, cifar_stem=True, drop_path_rate=0.3, zero_init_residual=False)
-    blocks = [b for layer in (model.backbone.layer1, model.backbone.layer2, model.backbone.layer3, model.backbone.layer4)
-              for b in layer]
+    backbone = model.backbone
+    blocks = [b for layer in (backbone.layer1, backbone.layer2, backbone.layer3, backbone.layer4) for b in layer]
     assert [b.drop_path.p for b in blocks] == pytest.approx([0.3 * i / 7 for i in range(8)])  # linear in depth
     seen = []
     blocks[-1].drop_path.register_forward_hook(lambda m, args, out: seen.append((args[0].detach(), out.detach())))
@@ -189,7 +190,9 @@ def test_load_weights_other_model_lists_keys():
 def test_load_weights_other_head_and_drop_head():
     src = create_model("rednet26").state_dict()
     model = create_model("rednet26", num_classes=10)
-    with pytest.raises(CheckpointError, match=r"mis-shaped: head\.fc\.weight \(checkpoint \[1000, 2048\], model \[10, 2048\]\).*drop_head=True, or model\.drop_head=true on the command line"):
+    with pytest.raises(CheckpointError, match=r"mis-shaped: head\.fc\.weight \(checkpoint \[1000, 2048\], model "
+                                              r"\[10, 2048\]\).*drop_head=True, or model\.drop_head=true "
+                                              r"on the command line"):
         load_weights(model, src)
     fc_before = model.head.fc.weight.clone()
     load_weights(model, src, drop_head=True)

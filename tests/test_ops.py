@@ -296,5 +296,6 @@ def test_empty_batch(impl, stride):
 
 
 def test_error_zero_size_map():
-    with pytest.raises(ValueError, match=re.escape("x must have at least one channel and pixel, got shape (1, 8, 0, 6)")):
+    message = "x must have at least one channel and pixel, got shape (1, 8, 0, 6)"
+    with pytest.raises(ValueError, match=re.escape(message)):
         involution(torch.randn(1, 8, 0, 6), torch.randn(1, 2, 9, 0, 6), 3)

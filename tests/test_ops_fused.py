@@ -18,8 +18,13 @@ pytest.importorskip("triton", reason="triton is not installed; the fused operato
 from rednet.config import validate  # noqa: E402
 from rednet.errors import ConfigError  # noqa: E402
 from rednet.models import Involution, build_model, create_model  # noqa: E402
-from rednet.ops import fused_available, fused_involution, involution_unfold, output_size  # noqa: E402
-from rednet.ops import fused_generator  # noqa: E402
+from rednet.ops import (  # noqa: E402
+    fused_available,
+    fused_generator,  # noqa: E402
+    fused_involution,
+    involution_unfold,
+    output_size,
+)
 from tests.conftest import compose_config  # noqa: E402
 
 
@@ -282,7 +287,8 @@ def test_config_option_reaches_every_involution():
 
 def test_config_rejects_the_option_for_resnets():
     cfg = compose_config(["model=resnet50", "model.fused_generator=true"])
-    with pytest.raises(ConfigError, match="model.fused_generator=true fuses RedNet's involutions, and resnet50 has none"):
+    with pytest.raises(ConfigError,
+                       match="model.fused_generator=true fuses RedNet's involutions, and resnet50 has none"):
         validate(cfg)
 
 

@@ -228,7 +228,8 @@ def test_custom_operator_passes_opcheck(s):
     b, _, kk, ho, wo = weight.shape
     w_view = weight.reshape(b, groups * kk, ho, wo).contiguous(memory_format=torch.channels_last).view(weight.shape)
     for x_, w_ in [(x, weight), (x.contiguous(memory_format=torch.channels_last), w_view)]:
-        torch.library.opcheck(torch.ops.rednet.involution.default, (x_.requires_grad_(), w_.requires_grad_(), k, s, 1, "triton"))
+        torch.library.opcheck(torch.ops.rednet.involution.default,
+                              (x_.requires_grad_(), w_.requires_grad_(), k, s, 1, "triton"))
         grad_out = torch.randn(1, 4, ho, wo)
         torch.library.opcheck(torch.ops.rednet.involution_backward.default,
                               (grad_out, x_.detach(), w_.detach(), k, s, 1, "triton", True, True))

@@ -88,8 +88,9 @@ def test_pretrained_weights_with_drop_head_through_the_config(tmp_path):
 def test_resume_with_more_epochs_stretches_the_schedule(tmp_path):
     # Cosine over 2 epochs, resumed for 4: the lr continues on the 4-epoch curve, halfway down
     # (the 2-epoch curve would have it at 0).
-    common = TINY + ["data=digits", "data.batch_size=32", "trainer.limit_train_batches=3", "trainer.limit_val_batches=1",
-                     "sched.warmup_iters=0", "optim.base_batch_size=null", "optim.lr=0.1"]
+    common = TINY + ["data=digits", "data.batch_size=32", "trainer.limit_train_batches=3",
+                     "trainer.limit_val_batches=1", "sched.warmup_iters=0", "optim.base_batch_size=null",
+                     "optim.lr=0.1"]
     Trainer(compose_config(common + ["trainer.max_epochs=2"]), tmp_path / "run").fit()
     resumed = Trainer(compose_config(common + ["trainer.max_epochs=4", f"resume={tmp_path}/run/checkpoints/last.pt"]),
                       tmp_path / "again")

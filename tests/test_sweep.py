@@ -108,7 +108,7 @@ def test_three_trials_return_their_metrics_and_the_results_name_the_best(tmp_pat
     runs = trials(tmp_path)
     assert sorted(runs) == [0, 1, 2]
     values = []
-    for params, returned, metrics, _ in runs.values():
+    for _params, returned, metrics, _ in runs.values():
         assert returned == [repr(metrics["best"]["acc1"])]  # what the sweeper got is in metrics.json
         values.append(float(returned[0]))
     best = yaml.safe_load((tmp_path / "optimization_results.yaml").read_text())

@@ -24,7 +24,8 @@ def test_create_model_builds_this_projects_rednet():
     assert type(model) is ResNet and model.num_classes == 10
     ours = create_model("rednet26", num_classes=10)
     assert {k: v.shape for k, v in model.state_dict().items()} == {k: v.shape for k, v in ours.state_dict().items()}
-    assert sum(p.numel() for p in timm.create_model("rednet26").parameters()) == 9_233_166  # 9.23M, as the official release
+    # 9.23M, as the official release
+    assert sum(p.numel() for p in timm.create_model("rednet26").parameters()) == 9_233_166
 
 
 def test_pretrained_cfg_describes_the_official_evaluation():

@@ -45,7 +45,8 @@ class Recorder:
         trainer.optimizer.register_step_pre_hook(before_step)
         trainer.optimizer.register_step_post_hook(lambda *_: self.after_step.append(
             {k: v.detach().double() for k, v in trainer.model.named_parameters()}))
-        trainer.model.register_forward_hook(lambda m, args, out: self.logits.append(out.detach()) if m.training else None)
+        trainer.model.register_forward_hook(
+            lambda m, args, out: self.logits.append(out.detach()) if m.training else None)
         for name, module in trainer.model.named_modules():
             if isinstance(module, layers):
                 module.register_forward_hook(lambda m, args, out, name=name: self.outputs.setdefault(name, []).append(
@@ -76,8 +77,9 @@ def test_label_smoothing_is_the_loss_that_is_trained(reference):
     assert len(run.logits) == STEPS
     hits = sum(int((logits.argmax(1) == t).sum()) for logits, t in zip(run.logits, targets))
     assert run.metrics["train"]["acc1"] == hits / (STEPS * BATCH)  # the batches are the ones reconstructed
-    smoothed = sum(F.cross_entropy(l.double(), t, label_smoothing=SMOOTHING).item() for l, t in zip(run.logits, targets))
-    plain = sum(F.cross_entropy(l.double(), t).item() for l, t in zip(run.logits, targets))
+    smoothed = sum(F.cross_entropy(out.double(), t, label_smoothing=SMOOTHING).item()
+                   for out, t in zip(run.logits, targets))
+    plain = sum(F.cross_entropy(out.double(), t).item() for out, t in zip(run.logits, targets))
     assert run.metrics["train"]["loss"] == pytest.approx(smoothed / STEPS, rel=1e-5)
     assert run.metrics["train"]["loss"] != pytest.approx(plain / STEPS, rel=1e-4)
 
@@ -180,10 +182,12 @@ def test_fp16_autocast_scales_the_loss_and_unscales_before_the_step(tmp_path):
             pytest.skip("this PyTorch has no float16 autocast on the CPU")
     # Batch 4: with the initial scale of 2^16 the first 4 steps overflow, then steps are taken.
     steps = 6
-    trainer = make_trainer(tmp_path, "trainer.precision=fp16", "data.batch_size=4", f"trainer.limit_train_batches={steps}")
+    trainer = make_trainer(tmp_path, "trainer.precision=fp16", "data.batch_size=4",
+                           f"trainer.limit_train_batches={steps}")
     run = Recorder(trainer, (nn.Conv2d, nn.Linear, Involution))
     scales = []
-    trainer.model.register_forward_hook(lambda m, args, out: scales.append(trainer.scaler.get_scale()) if m.training else None)
+    trainer.model.register_forward_hook(
+        lambda m, args, out: scales.append(trainer.scaler.get_scale()) if m.training else None)
     run.fit()
     assert {out.dtype for outs in run.outputs.values() for out in outs} == {torch.float16}
     assert math.isfinite(run.metrics["train"]["loss"]) and math.isfinite(run.metrics["val"]["loss"])

@@ -120,7 +120,8 @@ def test_the_official_python2_format_and_python3_repacks_load_as_pickle_loads_th
     folder.mkdir()
     for name in ["data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5", "test_batch"]:
         entry = {"batch_label": f"{name} of 6", "labels": rng.integers(0, 10, 4).tolist(),
-                 "data": rng.integers(0, 256, (4, 3072), dtype=np.uint8), "filenames": [f"img_{i}.png" for i in range(4)]}
+                 "data": rng.integers(0, 256, (4, 3072), dtype=np.uint8),
+                 "filenames": [f"img_{i}.png" for i in range(4)]}
         (folder / name).write_bytes(b"\x80\x02" + _py2(entry) + b".")
     meta = {"label_names": [f"class_{i}" for i in range(10)], "num_cases_per_batch": 4, "num_vis": 3072}
     (folder / "batches.meta").write_bytes(b"\x80\x02" + _py2(meta) + b".")
@@ -238,7 +239,7 @@ def test_a_symlink_loop_is_an_error_not_a_hang(tmp_path):
     try:
         with pytest.raises(DataError, match=r"symlink loop in the image folder: \S*/train/cat/\S+ leads back to "
                                             r"\S+, which contains it; remove or replace the link"):
-            build_datamodule(folder_cfg(root)).train_set
+            _ = build_datamodule(folder_cfg(root)).train_set
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, previous)

@@ -211,7 +211,8 @@ def test_misclassified_are_the_most_confident_mistakes(tmp_path, digits):
     torch.manual_seed(0)
     model = create_model("rednet18", 10, in_chans=1, cifar_stem=True, zero_init_residual=False).eval()
     data = digits
-    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(data.val_set, range(32)), batch_size=16)  # two batches: the running top-5 is merged
+    # two batches: the running top-5 is merged
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(data.val_set, range(32)), batch_size=16)
     result = evaluate(model, loader, torch.device("cpu"), None, list(data.class_names), keep_mistakes=5)
     # Independently: every image's prediction, the wrong ones ranked by the softmax of the prediction.
     images = torch.stack([data.val_set[i][0] for i in range(32)])

@@ -184,7 +184,8 @@ def export_onnx(model: nn.Module, path: str | Path, in_chans: int, image_size: i
             path.parent.mkdir(parents=True, exist_ok=True)
             _write(temporary[0], b"")
         except OSError as e:
-            raise DeployError(f"cannot write {path}: {e.strerror or e}; choose another out=path/to/model.onnx") from None
+            raise DeployError(f"cannot write {path}: {e.strerror or e}; "
+                              f"choose another out=path/to/model.onnx") from None
         model = model.float().cpu().eval()
         proto = to_onnx(model, in_chans, image_size, formulation)
         data = proto.SerializeToString()

@@ -224,13 +224,15 @@ def _flat(b: GraphBuilder, x: str, kernels: str, geo: Geometry, layout: dict) ->
             phase = padded if s == 1 else b.op("Slice", [padded, b.const([a, c]), b.const([_END, _END]),
                                                         b.const([2, 3]), b.const([s, s])])
             phases[a, c] = b.op("Reshape", [phase, b.const([0, 0, -1])])  # (M, C/G, Hq*Wq)
-    weights = b.op("Split", [b.op("Reshape", [b.op("Pad", [kernels, layout["kernel_pads"]]), b.const([0, geo.taps, -1])])],
+    padded = b.op("Pad", [kernels, layout["kernel_pads"]])
+    weights = b.op("Split", [b.op("Reshape", [padded, b.const([0, geo.taps, -1])])],
                    outputs=geo.taps, axis=1) if geo.taps > 1 else [b.op("Reshape", [kernels, b.const([0, 1, -1])])]
     out = None
     for u in range(k):
         for v in range(k):
             t = u * k + v
-            tap = b.op("Slice", [phases[(u * d) % s, (v * d) % s], layout["starts"][t], layout["ends"][t], b.const([2])])
+            tap = b.op("Slice", [phases[(u * d) % s, (v * d) % s], layout["starts"][t], layout["ends"][t],
+                                 b.const([2])])
             term = b.op("Mul", [tap, weights[t]])
             out = term if out is None else b.op("Add", [out, term])
     out = b.op("Reshape", [out, layout["grid"]])  # (M, C/G, Ho, Wq)

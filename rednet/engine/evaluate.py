@@ -32,7 +32,8 @@ def most_confident_mistakes(kept: list[Mistake], images: torch.Tensor, logits: t
     wrong = (pred != target).nonzero().flatten()
     top = wrong[confidence[wrong].argsort(descending=True)[:count]].tolist()
     # clone(): a view would keep (and, under DDP, send) the whole batch.
-    new = [Mistake(images[i].detach().float().cpu().clone(), int(target[i]), int(pred[i]), float(confidence[i])) for i in top]
+    new = [Mistake(images[i].detach().float().cpu().clone(), int(target[i]), int(pred[i]), float(confidence[i]))
+           for i in top]
     return sorted(kept + new, key=lambda m: -m.confidence)[:count]
 
 
@@ -82,7 +83,8 @@ def evaluate(model: nn.Module, loader, device: torch.device, dtype: torch.dtype 
     if dist.enabled and keep_mistakes:
         # As plain dicts: the gather loads what it receives with weights_only=True.
         gathered = all_gather_object([asdict(m) for m in mistakes], dist)
-        mistakes = sorted((Mistake(**m) for rank in gathered for m in rank), key=lambda m: -m.confidence)[:keep_mistakes]
+        mistakes = sorted((Mistake(**m) for rank in gathered for m in rank),
+                          key=lambda m: -m.confidence)[:keep_mistakes]
     if dist.enabled:
         packed = torch.cat([sums, confusion.matrix.flatten().double()]).to(device)
         packed = all_reduce_sum(packed, dist).cpu()
@@ -168,7 +170,8 @@ def evaluate_checkpoint(cfg, ckpt: dict, run_dir: str | Path) -> EvalResult:
     if channels_last:
         model.to(memory_format=torch.channels_last)
     if cfg.data.batch_size % dist.world_size:
-        raise CheckpointError(f"data.batch_size={cfg.data.batch_size} does not divide across {dist.world_size} processes")
+        raise CheckpointError(f"data.batch_size={cfg.data.batch_size} does not divide across {dist.world_size} "
+                              f"processes")
     loader = data.val_loader(cfg.data.batch_size // dist.world_size, dist.rank, dist.world_size)
     result = evaluate(model, loader, device, dtype, list(data.class_names), dist, channels_last,
                       t.limit_val_batches, progress=False, desc="eval", keep_mistakes=MISCLASSIFIED_SHOWN)

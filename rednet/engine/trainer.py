@@ -241,7 +241,8 @@ class Trainer:
         # A checkpoint taken between training and validation resumes with nothing left to train.
         nothing_left = self.batch_in_epoch >= self.steps_per_epoch
         start = time.perf_counter()
-        bar = tqdm(total=self.steps_per_epoch, initial=self.batch_in_epoch, desc=f"epoch {self.epoch + 1}/{t.max_epochs}",
+        bar = tqdm(total=self.steps_per_epoch, initial=self.batch_in_epoch,
+                   desc=f"epoch {self.epoch + 1}/{t.max_epochs}",
                    disable=not self.show_progress, dynamic_ncols=True, leave=False)
         while self.batch_in_epoch < self.steps_per_epoch:
             images, target = next(batches)
@@ -349,7 +350,8 @@ class Trainer:
             last = self.ckpt_dir / "last.pt"
             good = f"the last good checkpoint is {last}" if last.exists() else "no checkpoint was written yet"
             raise NonFiniteLossError(
-                f"loss is {float(loss.detach())} at step {self.step + 1} (epoch {self.epoch + 1}); {good}; lower optim.lr, "
+                f"loss is {float(loss.detach())} at step {self.step + 1} (epoch {self.epoch + 1}); {good}; "
+                f"lower optim.lr, "
                 f"set trainer.grad_clip, or skip bad batches with trainer.max_bad_steps=N")
         self.log(f"warning: non-finite loss in batch {self.batch_in_epoch + 1} of epoch {self.epoch + 1}, "
                  f"batch skipped ({self.bad_steps}/{self.cfg.trainer.max_bad_steps})")
@@ -368,7 +370,8 @@ class Trainer:
         self.last_confusion = result.confusion
         if self.ema is not None:
             self.ema_result = evaluate(self.ema.module, self.val_loader, self.device, self.dtype, self.class_names,
-                                       self.dist, self.channels_last, t.limit_val_batches, self.show_progress, "val ema")
+                                       self.dist, self.channels_last, t.limit_val_batches, self.show_progress,
+                                       "val ema")
         return result
 
     # -- records ------------------------------------------------------------------------------
@@ -424,10 +427,11 @@ class Trainer:
         minutes, seconds = divmod(round(time.perf_counter() - self.started), 60)
         speed = f", {images_per_s:.0f} train img/s" if images_per_s else ""
         val, best = self.metrics["val"], self.metrics["best"]
-        self.log(f"finished {self.epoch} epochs in {minutes}m{seconds:02d}s{speed}: best top-1 {100 * best['acc1']:.2f}% "
+        self.log(f"finished {self.epoch} epochs in {minutes}m{seconds:02d}s{speed}: "
+                 f"best top-1 {100 * best['acc1']:.2f}% "
                  f"at epoch {best['epoch']}, final top-1 {100 * val['acc1']:.2f}% (top-5 {100 * val['acc5']:.2f}%)")
-        best_pt = next((p for p in (self.ckpt_dir / "best.pt",
-                                    self.resumed_from and self.resumed_from.parent / "best.pt") if p and p.is_file()), None)
+        candidates = (self.ckpt_dir / "best.pt", self.resumed_from and self.resumed_from.parent / "best.pt")
+        best_pt = next((p for p in candidates if p and p.is_file()), None)
         if best_pt is not None:
             self.log(f"  best checkpoint  {show(best_pt)}")
         self.log(f"  metrics          {show(self.run_dir / 'metrics.json')}")
@@ -530,7 +534,8 @@ class Trainer:
         self.scheduler.load_state_dict(ckpt["scheduler"])
         # The optimizer state holds the lr of the schedule it was saved under; with a longer
         # trainer.max_epochs the schedule is stretched, so the next step's lr is recomputed from it.
-        for group, base_lr, factor in zip(self.optimizer.param_groups, self.scheduler.base_lrs, self.scheduler.lr_lambdas):
+        schedule = zip(self.optimizer.param_groups, self.scheduler.base_lrs, self.scheduler.lr_lambdas)
+        for group, base_lr, factor in schedule:
             group["lr"] = base_lr * factor(self.scheduler.last_epoch)
         self.scaler.load_state_dict(ckpt["scaler"])
         if self.ema is not None and ckpt.get("ema") is not None:

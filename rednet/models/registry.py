@@ -17,7 +17,11 @@ def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
 
 def list_models() -> list[str]:
     """Registered names, by family and then depth: rednet18, rednet26, ..., resnet50."""
-    return sorted(_MODELS, key=lambda name: (name.rstrip("0123456789"), int("0" + name[len(name.rstrip("0123456789")):])))
+    def family_depth(name: str) -> tuple[str, int]:
+        family = name.rstrip("0123456789")
+        return family, int("0" + name[len(family):])
+
+    return sorted(_MODELS, key=family_depth)
 
 
 def create_model(name: str, num_classes: int = 1000, **kwargs) -> nn.Module:

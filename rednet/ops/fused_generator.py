@@ -72,7 +72,8 @@ def _halo(tile: int, out_size: int, kernel_size: int, stride: int, dilation: int
 # are called (and tl.cast, not .to, for loop variables, which the interpreter keeps as Python
 # ints). Sums are tl.reduce(..., tl.standard._sum_combine), which is what tl.sum runs for floats:
 # tl.sum itself is a @triton.jit helper, which fails in a kernel interpreted after triton was
-# imported without TRITON_INTERPRET, and costs the interpreter 10 ms a call. Negative integer quotients are never trusted (the GPU rounds them toward zero,
+# imported without TRITON_INTERPRET, and costs the interpreter 10 ms a call. Negative integer quotients are never
+# trusted (the GPU rounds them toward zero,
 # the interpreter toward -inf). The conv2 weight is addressed as (G*K*K, Cr) with strides sw0, sw1:
 # row g*K*K + t holds tap t of group g, as in the unfused layer's view (B, G, K*K, Ho, Wo).
 # Every block dimension that enters a tl.dot is padded to a power of two of at least 16 and
@@ -123,7 +124,8 @@ def _fused_forward_kernel(x_ptr, r_ptr, w2_ptr, b2_ptr, out_ptr, H, W, WO, N_PIX
         for c in range(C_PER_G):
             channel = tl.cast(g * C_PER_G + c, tl.int64)
             xv = tl.load(x_taps + channel * sxc, mask=x_ok, other=0.0).to(ACC_DTYPE)
-            tl.store(out_pix + channel * soc, tl.reduce(kernel * xv, 0, tl.standard._sum_combine).to(out_ptr.dtype.element_ty), mask=mask_p)
+            summed = tl.reduce(kernel * xv, 0, tl.standard._sum_combine)
+            tl.store(out_pix + channel * soc, summed.to(out_ptr.dtype.element_ty), mask=mask_p)
 
 
 def _fused_grad_x_kernel(go_ptr, r_ptr, w2_ptr, b2_ptr, gx_ptr, H, W, HO, WO, GROUPS, C_PER_G, CR,
@@ -194,7 +196,8 @@ def _fused_grad_x_kernel(go_ptr, r_ptr, w2_ptr, b2_ptr, gx_ptr, H, W, HO, WO, GR
         for c in range(C_PER_G):
             channel = tl.cast(g * C_PER_G + c, tl.int64)
             gv = tl.load(go_taps + channel * sgc, mask=ok, other=0.0).to(ACC_DTYPE)
-            tl.store(gx_pix + channel * sxc, tl.reduce(kernel * gv, 0, tl.standard._sum_combine).to(gx_ptr.dtype.element_ty), mask=mask_q)
+            summed = tl.reduce(kernel * gv, 0, tl.standard._sum_combine)
+            tl.store(gx_pix + channel * sxc, summed.to(gx_ptr.dtype.element_ty), mask=mask_q)
 
 
 def _fused_grad_reduced_kernel(go_ptr, x_ptr, w2_ptr, gr_ptr, H, W, WO, N_PIX, GROUPS, C_PER_G, CR,

@@ -15,6 +15,7 @@ from typing import Callable, NamedTuple
 import torch
 import torch.nn.functional as F
 
+
 class Impl(NamedTuple):
     """One implementation: how to run it, where it runs, and how much it is preferred."""
 

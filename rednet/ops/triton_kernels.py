@@ -305,7 +305,8 @@ def _forward(x: torch.Tensor, weight: torch.Tensor, kernel_size: int, stride: in
     _launch("forward", x,
             lambda m: b * groups * triton.cdiv(c_per_g, m["BLOCK_C"]) * triton.cdiv(n_pix, m["BLOCK_P"]),
             x, weight, out, h, w, wo, n_pix, groups, c_per_g, *x.stride(), *weight.stride(), *out.stride(),
-            W_FLAT=_flat(weight), OUT_FLAT=_flat(out), STRIDE=stride, ACC_DTYPE=_acc_dtype(x.dtype), **_geometry(kernel_size, dilation))
+            W_FLAT=_flat(weight), OUT_FLAT=_flat(out), STRIDE=stride, ACC_DTYPE=_acc_dtype(x.dtype),
+            **_geometry(kernel_size, dilation))
     return out
 
 

@@ -53,7 +53,8 @@ def resolve_layers(model: nn.Module, names, model_name: str) -> list[str]:
 
 
 @torch.no_grad()
-def capture_kernels(model: nn.Module, images: torch.Tensor, layers: list[str]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+def capture_kernels(model: nn.Module, images: torch.Tensor,
+                    layers: list[str]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Runs ``model`` on ``images`` (eval mode, float32) and returns the kernels each named layer
     generated, as (B, G, K*K, Ho, Wo) float32 tensors on the CPU, and the logits."""
     modules = involution_layers(model)

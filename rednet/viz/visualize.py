@@ -12,8 +12,16 @@ from torch import nn
 
 from rednet.errors import CheckpointError, ConfigError
 from rednet.viz.images import denormalize, image_files, load_image, save_figure
-from rednet.viz.kernels import (capture_kernels, heatmap_figure, involution_layers, kernel_heatmaps, kernels_at,
-                                kernels_figure, map_position, resolve_layers)
+from rednet.viz.kernels import (
+    capture_kernels,
+    heatmap_figure,
+    involution_layers,
+    kernel_heatmaps,
+    kernels_at,
+    kernels_figure,
+    map_position,
+    resolve_layers,
+)
 
 log = logging.getLogger("rednet")
 LOGGED_IMAGES = 4  # trainer.log_kernels: the first validation images, the same ones at every validation
