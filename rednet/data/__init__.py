@@ -1,6 +1,8 @@
 """Datasets, transforms, loaders and samplers: ``build_datamodule(cfg.data)`` is the entry point."""
 
-from rednet.data.datamodule import DATASETS, DataModule, build_datamodule
+# Each builder module registers its datasets on import.
+from rednet.data import cifar, digits, fake, folder  # noqa: F401
+from rednet.data.datamodule import DataModule, build_datamodule, list_datasets, register_dataset
 from rednet.data.samplers import ShardSampler
 
-__all__ = ["DATASETS", "DataModule", "ShardSampler", "build_datamodule"]
+__all__ = ["DataModule", "ShardSampler", "build_datamodule", "list_datasets", "register_dataset"]

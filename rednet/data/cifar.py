@@ -12,9 +12,8 @@ from omegaconf import DictConfig
 from torchvision import datasets, transforms
 from torchvision.datasets.utils import check_integrity, download_and_extract_archive
 
-from rednet.config import DataConfig
 from rednet.data import safe_pickle
-from rednet.data.datamodule import DataModule, check_fixed, loader_kwargs, normalize, one_line
+from rednet.data.datamodule import DataModule, check_fixed, loader_kwargs, normalize, one_line, register_dataset
 from rednet.errors import DataError
 
 # Per blocking socket operation, not for the whole download: a dead network fails instead of hanging.
@@ -159,7 +158,8 @@ def _load(cls: type, root: str, train: bool, transform: transforms.Compose, clas
     return dataset
 
 
-def build_cifar(cfg: DataConfig | DictConfig) -> DataModule:
+@register_dataset("cifar10", "cifar100")
+def build_cifar(cfg: DictConfig) -> DataModule:
     cls = CLASSES[cfg.name]
     root = str(cfg.root)
     missing = missing_files(cls, root)

@@ -1,4 +1,6 @@
-"""The DataModule that every dataset builds, and :func:`build_datamodule`, which picks the builder."""
+"""The DataModule that every dataset builds, the registry of dataset builders, and
+:func:`build_datamodule`, which picks one. Each builder module registers itself with
+:func:`register_dataset`; ``rednet/data/__init__.py`` imports them all."""
 
 from __future__ import annotations
 
@@ -8,15 +10,15 @@ from functools import cached_property
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import transforms
 
-from rednet.config import DataConfig
 from rednet.data.samplers import ResumableDistributedSampler, ShardSampler
 from rednet.errors import DataError
 
-DATASETS = ("cifar10", "cifar100", "imagenet", "digits", "fake")
+# data.name -> the function that builds its DataModule from the data config node.
+_BUILDERS: dict[str, Callable[[DictConfig], DataModule]] = {}
 
 
 class DataModule:
@@ -103,25 +105,25 @@ class DataModule:
                 f"image_size={self.image_size})")
 
 
-def build_datamodule(cfg: DataConfig | DictConfig | dict) -> DataModule:
-    """The DataModule for ``cfg.name``: cifar10, cifar100, imagenet (any ImageFolder tree), digits or fake."""
-    if isinstance(cfg, dict):
-        cfg = OmegaConf.merge(OmegaConf.structured(DataConfig), cfg)
-    name = cfg.name
-    # Imported here so that a run pays only for its own dataset (scikit-learn takes seconds).
-    if name in ("cifar10", "cifar100"):
-        from rednet.data.cifar import build_cifar
-        return build_cifar(cfg)
-    if name == "imagenet":
-        from rednet.data.folder import build_imagefolder
-        return build_imagefolder(cfg)
-    if name == "digits":
-        from rednet.data.digits import build_digits
-        return build_digits(cfg)
-    if name == "fake":
-        from rednet.data.fake import build_fake
-        return build_fake(cfg)
-    raise DataError(f"data.name={name} is not a dataset; choose one of: {', '.join(DATASETS)}")
+def register_dataset(*names: str):
+    """Registers the decorated builder under ``names`` (the values of ``data.name`` it serves)."""
+    def register(builder: Callable[[DictConfig], DataModule]) -> Callable[[DictConfig], DataModule]:
+        for name in names:
+            _BUILDERS[name] = builder
+        return builder
+    return register
+
+
+def list_datasets() -> list[str]:
+    return sorted(_BUILDERS)
+
+
+def build_datamodule(cfg: DictConfig) -> DataModule:
+    """The DataModule for ``cfg.name`` (a ``data`` config node): cifar10, cifar100, imagenet (any
+    ImageFolder tree), digits or fake."""
+    if cfg.name not in _BUILDERS:
+        raise DataError(f"data.name={cfg.name} is not a dataset; choose one of: {', '.join(list_datasets())}")
+    return _BUILDERS[cfg.name](cfg)
 
 
 # Helpers for the dataset builders.
@@ -139,13 +141,13 @@ def default_num_workers() -> int:
     return max(1, min(8, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
 
 
-def loader_kwargs(cfg: DataConfig | DictConfig) -> dict[str, Any]:
+def loader_kwargs(cfg: DictConfig) -> dict[str, Any]:
     workers = default_num_workers() if cfg.num_workers is None else cfg.num_workers
     return {"num_workers": workers, "pin_memory": cfg.pin_memory,
             "persistent_workers": cfg.persistent_workers}
 
 
-def normalize(cfg: DataConfig | DictConfig, in_chans: int, what: str) -> transforms.Normalize:
+def normalize(cfg: DictConfig, in_chans: int, what: str) -> transforms.Normalize:
     """``Normalize(cfg.mean, cfg.std)``, after checking there is one value per channel.
 
     A 3-value mean on 1-channel images would broadcast to 3 channels without any error.
@@ -160,7 +162,7 @@ def normalize(cfg: DataConfig | DictConfig, in_chans: int, what: str) -> transfo
     return transforms.Normalize(mean, std)
 
 
-def check_fixed(cfg: DataConfig | DictConfig, key: str, actual: int, what: str) -> None:
+def check_fixed(cfg: DictConfig, key: str, actual: int, what: str) -> None:
     """Refuses a setting that the data fixes, rather than ignoring the user's value."""
     value = cfg[key] if isinstance(cfg, DictConfig) else getattr(cfg, key)
     if value != actual:

@@ -8,8 +8,7 @@ import torch
 from omegaconf import DictConfig
 from torch.utils.data import Dataset
 
-from rednet.config import DataConfig
-from rednet.data.datamodule import DataModule, check_fixed, loader_kwargs, normalize
+from rednet.data.datamodule import DataModule, check_fixed, loader_kwargs, normalize, register_dataset
 
 TEST_SIZE = 0.2
 MAX_VALUE = 16.0  # pixel values are counts of ink in 4x4 blocks: 0..16
@@ -54,7 +53,8 @@ def split(seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     return x_train, y_train, x_test, y_test
 
 
-def build_digits(cfg: DataConfig | DictConfig) -> DataModule:
+@register_dataset("digits")
+def build_digits(cfg: DictConfig) -> DataModule:
     check_fixed(cfg, "in_chans", 1, "digits")
     check_fixed(cfg, "image_size", 8, "digits")
     norm = normalize(cfg, 1, "digits")

@@ -7,12 +7,12 @@ from functools import partial
 from omegaconf import DictConfig
 from torchvision import datasets, transforms
 
-from rednet.config import DataConfig
-from rednet.data.datamodule import DataModule, loader_kwargs, normalize
+from rednet.data.datamodule import DataModule, loader_kwargs, normalize, register_dataset
 from rednet.errors import DataError
 
 
-def build_fake(cfg: DataConfig | DictConfig) -> DataModule:
+@register_dataset("fake")
+def build_fake(cfg: DictConfig) -> DataModule:
     if not cfg.num_classes or cfg.num_classes < 1:
         raise DataError("data=fake needs data.num_classes, e.g. data.num_classes=10")
     if cfg.in_chans not in (1, 3):

@@ -10,40 +10,15 @@ from typing import Any
 
 import torch
 from omegaconf import DictConfig
-from PIL import Image, ImageFile
 from torch.utils.data import default_collate
 from torchvision import datasets, transforms
 from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
 
-from rednet.config import DataConfig
-from rednet.data.datamodule import DataModule, loader_kwargs, normalize, one_line
+from rednet.data.datamodule import DataModule, loader_kwargs, normalize, one_line, register_dataset
+from rednet.data.transforms import IMAGE_ERRORS, MODES, open_image
 from rednet.errors import DataError
 
-# What PIL raises on a file that is not a whole, decodable image (UnidentifiedImageError and
-# "image file is truncated" are OSErrors; some broken headers raise SyntaxError or ValueError;
-# PIL's warning about a large image is an exception too where warnings are errors).
-IMAGE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning)
-MODES = {1: "L", 3: "RGB"}
 MAX_LISTED = 5
-# PIL's default limit against decompression bombs (a small file that decodes to gigabytes). PIL
-# only warns between one and two times it, and a user or a library may have lifted it; here it
-# always applies.
-MAX_IMAGE_PIXELS = 1024 * 1024 * 1024 // 4 // 3
-
-
-def open_image(path: str, mode: str) -> Image.Image:
-    with Image.open(path) as image:  # reads the header only
-        if image.width * image.height > MAX_IMAGE_PIXELS:
-            raise Image.DecompressionBombError(
-                f"{image.width} x {image.height} pixels is more than the {MAX_IMAGE_PIXELS} allowed against "
-                f"decompression bombs")
-        # convert() decodes the whole file, so a truncated one fails here, unless someone set
-        # LOAD_TRUNCATED_IMAGES: then PIL would fill the rest with grey and the label would still apply.
-        allowed, ImageFile.LOAD_TRUNCATED_IMAGES = ImageFile.LOAD_TRUNCATED_IMAGES, False
-        try:
-            return image.convert(mode)
-        finally:
-            ImageFile.LOAD_TRUNCATED_IMAGES = allowed
 
 
 class ImageFolder(datasets.ImageFolder):
@@ -143,7 +118,8 @@ def _load(directory: str, classes: list[str], mode: str, bad_images: str, transf
     return dataset
 
 
-def build_imagefolder(cfg: DataConfig | DictConfig) -> DataModule:
+@register_dataset("imagenet")
+def build_imagefolder(cfg: DictConfig) -> DataModule:
     root = str(cfg.root)
     layout = "data.root must hold train/<class>/<image> and val/<class>/<image>"
     if not os.path.isdir(root):

@@ -84,7 +84,7 @@ def load_image(path: Path, in_chans: int, image_size: int, mean, std) -> torch.T
     """An image file as the model's input: grey or RGB as ``in_chans`` says, its shorter side resized
     to ``image_size`` (the aspect ratio kept, so nothing is cropped away), normalised with ``mean``
     and ``std``. A file that is not a readable image is a DataError naming it."""
-    from rednet.data.folder import IMAGE_ERRORS, MODES, open_image
+    from rednet.data.transforms import IMAGE_ERRORS, MODES, open_image
 
     if in_chans not in MODES:
         raise DataError(f"images=: the model takes {in_chans}-channel input and only grey (1) or RGB (3) image "
