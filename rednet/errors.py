@@ -23,3 +23,8 @@ class CheckpointError(UserError):
 class DeployError(UserError):
     """Export to ONNX and running an exported file: a missing extra, an unwritable path, a file
     that does not fit the data."""
+
+
+class WriteError(UserError):
+    """A file of the run could not be written (a full disk, a read-only folder); what was there
+    before is intact."""

@@ -1,0 +1,197 @@
+"""Every file a run writes, and every checkpoint it reads, goes through here.
+
+The one guarantee for writes: the bytes go to a temporary file in the same folder, are fsynced, and
+replace the target with an atomic rename; then the folder is fsynced, so that the rename itself
+survives a power cut. A reader sees the old file or the new one, never a part; a crash, a full disk
+or a second Ctrl-C leaves the old file in place and no temporary file behind.
+
+Checkpoints are read with ``torch.load(..., weights_only=True)``: a file from elsewhere cannot run
+code on load. This module sits below everything else in the package and imports none of it but
+:mod:`rednet.errors`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import pickle
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import IO, Any
+
+import torch
+
+from rednet.errors import CheckpointError, WriteError
+
+Content = bytes | str | Callable[[IO[bytes]], None]
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # some platforms cannot open folders; the rename is still atomic there
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _temporary(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+def _reason(error: BaseException) -> str:
+    # torch.save reports a failed write (a full disk) as a RuntimeError of its zip writer, raised
+    # while handling the OSError that says why.
+    cause = error if isinstance(error, OSError) else error.__context__
+    if isinstance(cause, OSError) and cause.strerror:
+        return cause.strerror
+    return str(error).splitlines()[0] if str(error) else type(error).__name__
+
+
+def _write_temporary(tmp: Path, content: Content) -> None:
+    with open(tmp, "wb") as f:
+        if callable(content):
+            content(f)
+        else:
+            f.write(content.encode() if isinstance(content, str) else content)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def previous_path(path: str | Path) -> Path:
+    """Where the file that ``path`` replaced is kept with ``keep_previous``: ``last.pt`` -> ``last.prev.pt``."""
+    path = Path(path)
+    return path.with_name(path.stem + ".prev" + path.suffix)
+
+
+def atomic_write(path: str | Path, content: Content, what: str = "", keep_previous: bool = False) -> Path:
+    """Writes ``content`` (bytes, text, or a function that writes into a binary file) to ``path``.
+
+    With ``keep_previous`` the file being replaced stays as :func:`previous_path`. A failure raises
+    :class:`~rednet.errors.WriteError` naming ``what`` and ``path`` and saying what is left there.
+    """
+    return atomic_write_all({path: content}, what, keep_previous)[0]
+
+
+def atomic_write_all(files: dict[str | Path, Content], what: str = "", keep_previous: bool = False) -> list[Path]:
+    """Writes several files as one: every temporary file is written and fsynced before the first
+    rename, so a failure while writing (a full disk) leaves all the old files as they were. An
+    ONNX model and its sidecar go together this way."""
+    paths = [Path(p) for p in files]
+    temporaries = [_temporary(p) for p in paths]
+    existed = [p.exists() for p in paths]
+    renamed: list[Path] = []
+    try:
+        for path, tmp, content in zip(paths, temporaries, files.values()):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            _write_temporary(tmp, content)
+        for path, tmp in zip(paths, temporaries):
+            if keep_previous and path.exists():
+                prev = previous_path(path)
+                prev_tmp = _temporary(prev)
+                try:  # a hard link keeps `path` in place until the rename below replaces it
+                    os.link(path, prev_tmp)
+                except OSError:
+                    prev_tmp.write_bytes(path.read_bytes())
+                os.replace(prev_tmp, prev)
+            os.replace(tmp, path)
+            renamed.append(path)
+        for folder in {p.parent for p in paths}:
+            _fsync_dir(folder)
+    except (OSError, RuntimeError) as e:
+        name = f"{what} {paths[0]}" if what else str(paths[0])
+        kept = ("the previous file there is intact" if any(existed) else "nothing was written there") \
+            if not renamed else f"{len(renamed)} of the {len(paths)} files were replaced"
+        raise WriteError(f"could not write {name}: {_reason(e)}; {kept}") from e
+    finally:  # gone after the renames; after a failure or a second Ctrl-C, the targets are untouched
+        for tmp in temporaries:
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
+    return paths
+
+
+@contextlib.contextmanager
+def atomic_open(path: str | Path, what: str = "") -> Iterator[IO[bytes]]:
+    """A binary file to write ``path`` through, for writers that stream (a tar shard, a figure):
+    ``path`` appears, whole, only when the block ends without an exception."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temporary(path)
+    try:
+        with open(tmp, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except (OSError, RuntimeError) as e:
+        raise WriteError(f"could not write {what + ' ' if what else ''}{path}: {_reason(e)}; "
+                         f"{'the previous file there is intact' if path.exists() else 'nothing was written there'}"
+                         ) from e
+    finally:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+
+
+def to_json(obj: Any) -> str:
+    """``obj`` as strict JSON: a NaN or infinite number (a diverged loss) becomes null, which every
+    JSON parser reads, where Python's default NaN is not JSON at all."""
+    def clean(v):
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [clean(x) for x in v]
+        return v
+
+    return json.dumps(clean(obj), indent=2, allow_nan=False)
+
+
+def write_json(path: str | Path, obj: Any, what: str = "") -> Path:
+    return atomic_write(path, to_json(obj) + "\n", what)
+
+
+def save_checkpoint(obj: dict[str, Any], path: str | Path, keep_previous: bool = True) -> Path:
+    """Writes ``obj`` with ``torch.save``; the checkpoint it replaces stays as ``<name>.prev.pt``."""
+    try:
+        return atomic_write(path, lambda f: torch.save(obj, f), "checkpoint", keep_previous)
+    except WriteError as e:
+        raise CheckpointError(str(e)) from e.__cause__
+
+
+def _other_copy(path: Path) -> str:
+    prev = previous_path(path)
+    return f"; the previous checkpoint is {prev}" if prev.is_file() else "; use another copy"
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Loads a checkpoint file with ``weights_only=True``, turning every failure into one clear line."""
+    path = Path(path)
+    if path.is_dir():
+        inside = [p for folder in (path / "checkpoints", path) for p in (folder / "best.pt", folder / "last.pt")
+                  if p.is_file()]
+        hint = (f"pass the file in it: {inside[0]}" + (f" (or {inside[1]})" if len(inside) > 1 else "")
+                if inside else "pass a checkpoint file, e.g. a run's checkpoints/best.pt")
+        raise CheckpointError(f"checkpoint {path} is a directory, not a file; {hint}")
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist; check the path (ckpt=... or resume=...)")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "weights_only" in str(e) or "Weights only" in str(e):
+            raise CheckpointError(
+                f"checkpoint {path} contains Python objects other than tensors and plain containers; refusing "
+                f"to load it because unpickling them could run code. Re-save it as a plain state_dict") from None
+        raise CheckpointError(f"checkpoint {path} is corrupt or not a PyTorch file ({e}){_other_copy(path)}") from None
+    except Exception as e:  # anything else the unpickler meets in a damaged file: EOFError, KeyError, ...
+        reason = f"{type(e).__name__}: {str(e).splitlines()[0]}" if str(e) else type(e).__name__
+        raise CheckpointError(f"checkpoint {path} is truncated, corrupt or not a PyTorch file "
+                              f"({reason}){_other_copy(path)}") from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path} is not a checkpoint: it holds a {type(obj).__name__}, not a dict")
+    return obj
