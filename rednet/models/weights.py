@@ -8,8 +8,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from rednet.engine.checkpoint import read_checkpoint
 from rednet.errors import CheckpointError
+from rednet.io import read_checkpoint
 
 HEAD_PREFIX = "head.fc."
 
