@@ -1,17 +1,14 @@
-"""Images in and out of the figures: reading the user's image files, undoing the data's
-normalisation for display, and writing a figure as a PNG atomically."""
+"""Images in and out of the figures: undoing the data's normalisation for display, drawing an
+image on an axis, and writing a figure as a PNG atomically."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
-from torchvision import transforms
-from torchvision.datasets.folder import IMG_EXTENSIONS
 
-from rednet.errors import DataError
+from rednet.io import atomic_open
 
 
 def pyplot():
@@ -25,15 +22,12 @@ def pyplot():
 
 
 def save_figure(fig, path: str | Path, dpi: int = 100, close: bool = True) -> Path:
-    """Writes ``fig`` to ``path`` as a PNG (a temporary file, then a rename), and closes it."""
+    """Writes ``fig`` to ``path`` as a PNG through :func:`rednet.io.atomic_open`, and closes it."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        fig.savefig(tmp, dpi=dpi, format="png")
-        os.replace(tmp, path)
+        with atomic_open(path, "figure") as f:
+            fig.savefig(f, dpi=dpi, format="png")
     finally:
-        tmp.unlink(missing_ok=True)
         if close:
             pyplot().close(fig)
     return path
@@ -61,40 +55,3 @@ def show(ax, image: np.ndarray) -> None:
         ax.imshow(image, interpolation="nearest")
     ax.set_xticks([])
     ax.set_yticks([])
-
-
-def image_files(path: str | Path) -> list[Path]:
-    """``path`` itself if it is a file, else the image files under the folder ``path`` (recursively,
-    hidden entries skipped), sorted."""
-    path = Path(path)
-    kinds = ", ".join(IMG_EXTENSIONS)
-    if path.is_file():
-        return [path]
-    if not path.is_dir():
-        raise DataError(f"images={path}: no such file or folder; give an image file ({kinds}) or a folder of "
-                        f"them, or leave images= out to draw the first validation images")
-    found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMG_EXTENSIONS
-                   and not any(part.startswith(".") for part in p.relative_to(path).parts))
-    if not found:
-        raise DataError(f"images={path} holds no image files; the kinds read are {kinds}")
-    return found
-
-
-def load_image(path: Path, in_chans: int, image_size: int, mean, std) -> torch.Tensor:
-    """An image file as the model's input: grey or RGB as ``in_chans`` says, its shorter side resized
-    to ``image_size`` (the aspect ratio kept, so nothing is cropped away), normalised with ``mean``
-    and ``std``. A file that is not a readable image is a DataError naming it."""
-    from rednet.data.transforms import IMAGE_ERRORS, MODES, open_image
-
-    if in_chans not in MODES:
-        raise DataError(f"images=: the model takes {in_chans}-channel input and only grey (1) or RGB (3) image "
-                        f"files can be read for it")
-    try:
-        image = open_image(str(path), MODES[in_chans])
-    except IMAGE_ERRORS as e:
-        reason = " ".join(str(e).split())
-        raise DataError(f"images=: {path} is not a readable image ({type(e).__name__}: {reason}); give image "
-                        f"files ({', '.join(IMG_EXTENSIONS)})") from None
-    to_input = transforms.Compose([transforms.Resize(image_size), transforms.ToTensor(),
-                                   transforms.Normalize(list(mean), list(std))])
-    return to_input(image)

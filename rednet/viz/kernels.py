@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import re
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -18,7 +19,7 @@ from torch import nn
 
 from rednet.errors import ConfigError
 from rednet.models.involution import Involution
-from rednet.viz.images import grey, pyplot, show
+from rednet.viz.images import denormalize, grey, pyplot, show
 
 HEATMAP_CMAP = "magma"  # monotonic in lightness: the order of values survives a greyscale print
 KERNEL_CMAP = "viridis"
@@ -193,3 +194,72 @@ def kernels_figure(image: np.ndarray, point: tuple[int, int], kernels: dict[str,
     for colour, width, size in (("black", 5.0, 18), ("white", 2.0, 15)):
         ax.plot(point[1], point[0], marker="+", markersize=size, markeredgewidth=width, color=colour)
     return fig
+
+
+# -- one image's figures, for visualize.py and for TensorBoard (trainer.log_kernels) --------------
+
+LOGGED_IMAGES = 4  # trainer.log_kernels: the first validation images, the same ones at every validation
+
+
+@dataclass
+class Sample:
+    name: str  # for titles and file names
+    image: torch.Tensor  # (C, H, W), normalised as the model expects
+    target: int | None = None  # the true class, where known
+
+
+def first_validation_images(val_set, count: int) -> list[Sample]:
+    """The first ``count`` readable images of the validation set (an unreadable one under
+    ``data.bad_images=skip`` is passed over)."""
+    samples = []
+    for index in range(len(val_set)):
+        if len(samples) == count:
+            break
+        item = val_set[index]
+        if item is not None:
+            samples.append(Sample(f"val{index:05d}", item[0], int(item[1])))
+    return samples
+
+
+def _layer_notes(model: nn.Module, kernels: dict[str, torch.Tensor]) -> dict[str, str]:
+    layers = involution_layers(model)
+    notes = {}
+    for name, k in kernels.items():
+        layer = layers[name]
+        ks, (h, w) = layer.kernel_size, k.shape[-2:]
+        notes[name] = (f"{layer.groups} groups of {layer.channels // layer.groups} channels, {ks}x{ks} kernels "
+                       f"on a {h}x{w} map (stride {layer.stride})")
+    return notes
+
+
+def _title(sample: Sample, logits: torch.Tensor, class_names: list[str]) -> str:
+    probs = logits.softmax(-1)
+    conf, pred = probs.max(-1)
+    title = f"{sample.name}: predicted {class_names[int(pred)]} ({float(conf):.0%})"
+    return title + (f", true {class_names[sample.target]}" if sample.target is not None else "")
+
+
+def draw(model: nn.Module, sample: Sample, layers: list[str], mean, std, class_names: list[str],
+         point: tuple[int, int] | None = None):
+    """One image's heat-map figure and, given a ``point``, its kernels-at-a-point figure (else None),
+    from one forward pass."""
+    kernels, logits = capture_kernels(model, sample.image[None], layers)
+    size = tuple(sample.image.shape[-2:])
+    image = denormalize(sample.image, mean, std)
+    title, notes = _title(sample, logits[0], class_names), _layer_notes(model, kernels)
+    heatmaps = heatmap_figure(image, {name: kernel_heatmaps(k, size)[0] for name, k in kernels.items()}, title, notes)
+    if point is None:
+        return heatmaps, None
+    where = {name: map_position(point, size, tuple(k.shape[-2:])) for name, k in kernels.items()}
+    at = {name: kernels_at(k, where[name])[0] for name, k in kernels.items()}
+    notes = {name: f"{note}; at map pixel {where[name]}" for name, note in notes.items()}
+    return heatmaps, kernels_figure(image, point, at, title, notes)
+
+
+def log_kernel_heatmaps(writer, model: nn.Module, data, data_cfg, step: int) -> None:
+    """TensorBoard: the heat-maps of the first validation images (``kernels/val00000``, ...), so
+    that they can be watched forming over the epochs."""
+    layers = resolve_layers(model, None, "the model")
+    for sample in first_validation_images(data.val_set, LOGGED_IMAGES):
+        fig, _ = draw(model, sample, layers, data_cfg.mean, data_cfg.std, list(data.class_names))
+        writer.add_figure(f"kernels/{sample.name}", fig, step, close=True)
