@@ -23,18 +23,22 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import os
+import tempfile
 import types
 import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from rednet.deploy.fold import fold_batchnorm
 from rednet.deploy.involution import DEFAULT, DOMAIN, OP_TYPE, Geometry, expand_involutions, for_input
-from rednet.deploy.runtime import INPUT, OUTPUT, require, session
+from rednet.deploy.runtime import INPUT, OUTPUT, require, session, sidecar_path
+from rednet.engine.trained import Trained
 from rednet.errors import DeployError
+from rednet.io import atomic_write_all
 from rednet.models.involution import Involution
 from rednet.ops import involution
 
@@ -87,8 +91,6 @@ def to_onnx(model: nn.Module, in_chans: int, image_size: int, formulation: str =
     height and width, BatchNorm folded, involutions in standard operators. ``image_size`` is the
     size traced at; it only sets the involutions' loop chunks and tiles (speed and memory)."""
     onnx = require("onnx")
-    from rednet.deploy.fold import fold_batchnorm
-
     model = model.eval()
     sample = torch.zeros(1, in_chans, image_size, image_size)
     buffer = io.BytesIO()
@@ -149,22 +151,6 @@ def max_difference(model: nn.Module, onnx_bytes: bytes, inputs: list[torch.Tenso
     return worst
 
 
-def _temporary(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
-
-
-def _write(path: Path, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def sidecar_path(onnx_path: str | Path) -> Path:
-    """``model.onnx`` -> ``model.json``."""
-    return Path(onnx_path).with_suffix(".json")
-
-
 def export_onnx(model: nn.Module, path: str | Path, in_chans: int, image_size: int, meta: dict | None = None,
                 formulation: str = DEFAULT) -> dict:
     """Writes ``model`` to ``path`` (ONNX) and its sidecar ``path`` with ``.json``, once ONNX
@@ -178,67 +164,50 @@ def export_onnx(model: nn.Module, path: str | Path, in_chans: int, image_size: i
     side = sidecar_path(path)
     if path.suffix != ".onnx":
         raise DeployError(f"out={path} must end in .onnx (its sidecar goes to the same name with .json)")
-    temporary = [_temporary(path), _temporary(side)]
+    check_writable(path)  # before the slow part
+    model = model.float().cpu().eval()
+    proto = to_onnx(model, in_chans, image_size, formulation)
+    data = proto.SerializeToString()
+    inputs = verification_inputs(in_chans, image_size)
+    error = max_difference(model, data, inputs)
+    if not error <= TOLERANCE:
+        raise DeployError(f"the exported {path.name} disagrees with PyTorch (logits differ by {error:.2e} of "
+                          f"their scale, more than {TOLERANCE:g}); nothing was written. This is a bug: please "
+                          f"report it with the model and the checkpoint")
+    info = {**(meta or {}), "in_chans": in_chans, "image_size": image_size, "input": INPUT, "output": OUTPUT,
+            "opset": OPSET, "involution": formulation,
+            "verified": {"max_difference": error, "shapes": [list(x.shape) for x in inputs]}}
+    # Both files are written before either is renamed: a model.onnx never sits beside another's sidecar.
+    atomic_write_all({path: data, side: json.dumps(info, indent=2)}, "export")
+    return info
+
+
+def check_writable(path: Path) -> None:
     try:
-        try:  # before the slow part: can we write there at all?
-            path.parent.mkdir(parents=True, exist_ok=True)
-            _write(temporary[0], b"")
-        except OSError as e:
-            raise DeployError(f"cannot write {path}: {e.strerror or e}; "
-                              f"choose another out=path/to/model.onnx") from None
-        model = model.float().cpu().eval()
-        proto = to_onnx(model, in_chans, image_size, formulation)
-        data = proto.SerializeToString()
-        inputs = verification_inputs(in_chans, image_size)
-        error = max_difference(model, data, inputs)
-        if not error <= TOLERANCE:
-            raise DeployError(f"the exported {path.name} disagrees with PyTorch (logits differ by {error:.2e} of "
-                              f"their scale, more than {TOLERANCE:g}); nothing was written. This is a bug: please "
-                              f"report it with the model and the checkpoint")
-        info = {**(meta or {}), "in_chans": in_chans, "image_size": image_size, "input": INPUT, "output": OUTPUT,
-                "opset": OPSET, "involution": formulation,
-                "verified": {"max_difference": error, "shapes": [list(x.shape) for x in inputs]}}
-        replaced = False
-        try:
-            _write(temporary[0], data)
-            _write(temporary[1], json.dumps(info, indent=2).encode())
-            os.replace(temporary[0], path)
-            replaced = True
-            os.replace(temporary[1], side)
-        except OSError as e:
-            if replaced:  # a new model.onnx beside an old sidecar would be a mismatched pair
-                with contextlib.suppress(OSError):
-                    path.unlink(missing_ok=True)
-            raise DeployError(f"cannot write {path}: {e.strerror or e}; nothing was written") from None
-        return info
-    finally:
-        for t in temporary:
-            with contextlib.suppress(OSError):
-                t.unlink(missing_ok=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=path.parent).close()
+    except OSError as e:
+        raise DeployError(f"cannot write {path}: {e.strerror or e}; choose another out=path/to/model.onnx") from None
 
 
-def export_checkpoint(cfg, ckpt: dict) -> Path:
-    """``export.py``: exports ``ckpt`` (the contents of ``cfg.ckpt``) to ``cfg.out``, by default
-    ``model.onnx`` beside the checkpoint, and prints what it wrote."""
-    from omegaconf import OmegaConf
-
-    from rednet.models import build_model, load_weights
-    from rednet.models.weights import state_dict_of
-
+def export_checkpoint(cfg: DictConfig, trained: Trained) -> Path:
+    """``export.py``: exports ``trained`` (what ``cfg.ckpt`` holds) to ``cfg.out``, by default
+    ``model.onnx`` beside the checkpoint, and prints what it wrote. The cheap checks (the output
+    path, the checkpoint) come before the [deploy] extra is asked for."""
+    if trained.runtime != "torch":
+        raise DeployError(f"{trained.path} is already an export; export.py takes a checkpoint (.pt or .pth)")
+    out = Path(cfg.out) if cfg.out else trained.path.with_name("model.onnx")
+    check_writable(out)
+    num_classes = trained.require_classifier("export.py")
     require("onnx", "onnxruntime")
-    out = Path(cfg.out) if cfg.out else Path(cfg.ckpt).with_name("model.onnx")
-    head = state_dict_of(ckpt).get("head.fc.weight")
-    if head is None:
-        raise DeployError(f"checkpoint {cfg.ckpt} has no classifier (head.fc.weight); export needs a whole model")
-    num_classes = head.shape[0]
     d = cfg.data
     # The fused generator (model.fused_generator) is a Triton operator with no ONNX counterpart; the
     # same weights run unfused, which is what the file computes and what it is checked against.
-    model = build_model(OmegaConf.merge(cfg.model, {"fused_generator": False}), num_classes, d.in_chans, d.image_size)
-    load_weights(model, ckpt, name=str(cfg.ckpt))
-    meta = {"model": cfg.model.name, "class_names": ckpt.get("class_names"), "num_classes": num_classes,
-            "mean": list(d.mean), "std": list(d.std), "checkpoint": str(cfg.ckpt),
-            "config": {"model": OmegaConf.to_container(cfg.model), "data": OmegaConf.to_container(cfg.data)}}
+    model = trained.build(OmegaConf.merge(cfg.model, {"fused_generator": False}), num_classes, d.in_chans,
+                          d.image_size)
+    containers = {group: OmegaConf.to_container(cfg[group], enum_to_str=True) for group in ("model", "data")}
+    meta = {"model": cfg.model.name, "class_names": trained.class_names, "num_classes": num_classes,
+            "mean": list(d.mean), "std": list(d.std), "checkpoint": str(trained.path), "config": containers}
     info = export_onnx(model, out, d.in_chans, d.image_size, meta)
     print(f"wrote {out} and {sidecar_path(out)}: {cfg.model.name}, {num_classes} classes, input (batch, {d.in_chans}, "
           f"height, width) normalised with the data's mean and std ({d.image_size} px as trained); ONNX Runtime "

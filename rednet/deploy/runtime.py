@@ -1,8 +1,9 @@
-"""Running an exported ``.onnx`` file in ONNX Runtime, and evaluating it like a checkpoint.
+"""Running an exported ``.onnx`` file in ONNX Runtime, and reading it like a checkpoint.
 
-``eval.py ckpt=model.onnx`` runs :func:`evaluate_onnx`: the data config comes from the file's
-sidecar (``model.json``, written by export.py) with the command line's overrides on top, and the
-report is the one a checkpoint gets, so what is measured is the file that ships.
+Importing this module registers the ``.onnx`` format with :func:`rednet.engine.trained.open_trained`:
+``eval.py ckpt=model.onnx`` (and predict.py) then get the file's model and data config from its
+sidecar (``model.json``, written by export.py), the same checks against the data as a checkpoint,
+and the same report, so what is measured is the file that ships.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from rednet.engine.trained import Trained, register_format
 from rednet.errors import DeployError
 
 INPUT, OUTPUT = "images", "logits"
@@ -45,10 +47,13 @@ def session(model: bytes | str | Path, threads: int = 0, providers: list[str] | 
     return ort.InferenceSession(model, options, providers=providers or ["CPUExecutionProvider"])
 
 
+def sidecar_path(onnx_path: str | Path) -> Path:
+    """``model.onnx`` -> ``model.json``."""
+    return Path(onnx_path).with_suffix(".json")
+
+
 def read_sidecar(onnx_path: str | Path) -> dict:
     """The JSON sidecar export.py wrote beside ``onnx_path``, checked enough that eval can use it."""
-    from rednet.deploy.export import sidecar_path
-
     onnx_path = Path(onnx_path)
     side = sidecar_path(onnx_path)
     if not onnx_path.is_file():
@@ -96,26 +101,14 @@ class OnnxClassifier(nn.Module):
         return torch.from_numpy(self.session.run([OUTPUT], {INPUT: x})[0])
 
 
-def evaluate_onnx(cfg, info: dict, run_dir: str | Path):
-    """``eval.py ckpt=model.onnx``: evaluates the file through ONNX Runtime on ``cfg.data``'s
-    validation split and writes eval.py's report into ``run_dir``."""
-    from rednet.data import build_datamodule
-    from rednet.engine.evaluate import MISCLASSIFIED_SHOWN, check_class_names, evaluate, write_report
+@register_format(".onnx")
+def read_exported(path: Path) -> Trained:
+    """An exported file, through its sidecar; ONNX Runtime is needed only to run it."""
+    info = read_sidecar(path)
 
-    if cfg.trainer.strategy != "single":
-        raise DeployError(f"an .onnx file is evaluated in one process; drop trainer={cfg.trainer.strategy}")
-    data = build_datamodule(cfg.data)
-    if info["num_classes"] != data.num_classes:
-        raise DeployError(f"{cfg.ckpt} has {info['num_classes']} classes but data={cfg.data.name} has "
-                          f"{data.num_classes}; evaluate it on data with the same classes")
-    check_class_names(info.get("class_names"), list(data.class_names), str(cfg.ckpt), f"data={cfg.data.name}")
-    if info.get("in_chans", data.in_chans) != data.in_chans:
-        raise DeployError(f"{cfg.ckpt} takes {info['in_chans']}-channel images but data={cfg.data.name} has "
-                          f"{data.in_chans}; set data.in_chans={info['in_chans']}")
-    model = OnnxClassifier(cfg.ckpt)
-    loader = data.val_loader(cfg.data.batch_size)
-    result = evaluate(model, loader, torch.device("cpu"), None, list(data.class_names),
-                      limit_batches=cfg.trainer.limit_val_batches, desc="eval", keep_mistakes=MISCLASSIFIED_SHOWN)
-    write_report(result, run_dir, {"checkpoint": str(cfg.ckpt), "runtime": "onnxruntime", "model": info["model"],
-                                   "data": cfg.data.name}, cfg.data)
-    return result
+    def build(model_cfg, num_classes: int, in_chans: int, image_size: int) -> nn.Module:
+        require("onnxruntime")
+        return OnnxClassifier(path)
+
+    return Trained(path, info["config"], int(info["num_classes"]), info.get("class_names"), info.get("in_chans"),
+                   build, info, runtime="onnxruntime")

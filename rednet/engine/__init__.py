@@ -1,5 +1,4 @@
-"""Training loop, evaluation, checkpoint IO, precision and distributed helpers.
-
-Import the submodules directly (``from rednet.engine.trainer import Trainer``); this package
-imports nothing eagerly so that ``rednet.models`` can use ``rednet.engine.checkpoint`` freely.
-"""
+"""What runs a model: the run context (device, DDP, precision, batch per rank, run folder), a trained
+model from a file checked against the data, the training loop with its checkpoints, evaluation, and
+the optimiser, precision and distributed helpers. Import the submodules directly
+(``from rednet.engine.trainer import Trainer``)."""

@@ -1,4 +1,5 @@
-"""One evaluation pass, shared by validation during training and by ``eval.py``."""
+"""One evaluation pass, shared by validation during training and by ``eval.py``; and eval.py's
+report."""
 
 from __future__ import annotations
 
@@ -7,12 +8,23 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from omegaconf import DictConfig
 from torch import nn
+from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
+from rednet.data import build_datamodule
+from rednet.engine import distributed
+from rednet.engine.context import setup_run
 from rednet.engine.distributed import DistInfo, all_gather_object, all_reduce_sum
 from rednet.engine.precision import autocast
-from rednet.metrics import ConfusionMatrix, to_json, topk_correct
+from rednet.engine.trained import Trained
+from rednet.errors import ConfigError
+from rednet.io import atomic_write, write_json
+from rednet.metrics import ConfusionMatrix, topk_correct
+from rednet.viz.confusion import confusion_figure
+from rednet.viz.images import save_figure
+from rednet.viz.misclassified import misclassified_figure
 
 MISCLASSIFIED_SHOWN = 16  # eval.py's misclassified.png: the most confident mistakes
 
@@ -109,27 +121,9 @@ def format_report(result: EvalResult, title: str, worst: int = 10) -> str:
     return "\n".join(lines)
 
 
-def check_class_names(trained: list[str] | None, data: list[str], what: str, where: str) -> None:
-    """A model's output i means the class it was trained on as class i: with other names, or the
-    same names in another order, every label would be silently wrong. Official mmcls checkpoints
-    carry no names and are not checked."""
-    from rednet.errors import CheckpointError
-
-    if trained is None or list(trained) == data:
-        return
-    if len(trained) != len(data):
-        return  # the class-count check gives the clearer message
-    i = next(i for i, (a, b) in enumerate(zip(trained, data)) if a != b)
-    raise CheckpointError(f"{what} was trained on other classes than {where} has: class {i} is {trained[i]!r} there "
-                          f"and {data[i]!r} here; use data with the class folders it was trained on")
-
-
 def write_misclassified(result: EvalResult, class_names: list[str], data_cfg, run_dir: Path, writer=None) -> Path:
     """``misclassified.png`` (and the TensorBoard image ``eval/misclassified``): the most confident
     mistakes, or a note that there were none."""
-    from rednet.viz.images import save_figure
-    from rednet.viz.misclassified import misclassified_figure
-
     if not result.mistakes:
         print(f"no mistakes: all {result.count} images were classified correctly")
     figure = misclassified_figure(result.mistakes, class_names, data_cfg.mean, data_cfg.std, result.count)
@@ -139,45 +133,30 @@ def write_misclassified(result: EvalResult, class_names: list[str], data_cfg, ru
     return path
 
 
-def evaluate_checkpoint(cfg, ckpt: dict, run_dir: str | Path) -> EvalResult:
-    """``eval.py``: evaluates ``ckpt`` (the contents of ``cfg.ckpt``) on ``cfg.data``'s validation
-    split and writes the report (metrics.json, confusion_matrix.csv/.png, TensorBoard events) into
-    ``run_dir``."""
-    from rednet.data import build_datamodule
-    from rednet.engine import distributed
-    from rednet.engine.precision import resolve_auto, resolve_device, resolve_precision
-    from rednet.errors import CheckpointError
-    from rednet.models import build_model, load_weights
-    from rednet.models.weights import state_dict_of
-
-    t = cfg.trainer
-    device = resolve_device(t.device, distributed.env_info().local_rank)
-    dist = distributed.init_distributed(device, t.ddp_timeout_s) if t.strategy == "ddp" else distributed.DistInfo()
-    run_dir = Path(distributed.broadcast_object(str(run_dir), dist))
-    dtype = resolve_precision(t.precision, device)
-    channels_last = resolve_auto("channels_last", t.channels_last, device)
-    with distributed.main_first(dist):
+def evaluate_trained(cfg: DictConfig, trained: Trained, run_dir: str | Path) -> EvalResult:
+    """``eval.py``: evaluates ``trained`` (a checkpoint, or an exported file in ONNX Runtime) on
+    ``cfg.data``'s validation split and writes the report (metrics.json, confusion_matrix.csv/.png,
+    misclassified.png, TensorBoard events) into ``run_dir``. Under DDP each rank evaluates a shard."""
+    if trained.runtime != "torch":
+        if cfg.trainer.strategy != "single":
+            raise ConfigError(f"{trained.path} runs in {trained.runtime}, in one process; drop "
+                              f"trainer={cfg.trainer.strategy}")
+        cfg.trainer.device, cfg.trainer.precision = "cpu", "fp32"  # where and how ONNX Runtime runs it
+    ctx = setup_run(cfg, run_dir)
+    with distributed.main_first(ctx.dist):
         data = build_datamodule(cfg.data)
-    head = state_dict_of(ckpt).get("head.fc.weight")
-    if head is not None and head.shape[0] != data.num_classes:
-        raise CheckpointError(f"checkpoint {cfg.ckpt} has {head.shape[0]} classes but data={cfg.data.name} has "
-                              f"{data.num_classes}; evaluate it on data with the same classes")
-    check_class_names(ckpt.get("class_names"), list(data.class_names), f"checkpoint {cfg.ckpt}",
-                      f"data={cfg.data.name}")
-    model = build_model(cfg.model, data.num_classes, data.in_chans, data.image_size)
-    load_weights(model, ckpt, name=str(cfg.ckpt))
-    model.to(device)
-    if channels_last:
+    model = trained.model_for(cfg, list(data.class_names), data.in_chans, f"data={cfg.data.name}", "eval.py")
+    model.to(ctx.device)
+    if ctx.channels_last:
         model.to(memory_format=torch.channels_last)
-    if cfg.data.batch_size % dist.world_size:
-        raise CheckpointError(f"data.batch_size={cfg.data.batch_size} does not divide across {dist.world_size} "
-                              f"processes")
-    loader = data.val_loader(cfg.data.batch_size // dist.world_size, dist.rank, dist.world_size)
-    result = evaluate(model, loader, device, dtype, list(data.class_names), dist, channels_last,
-                      t.limit_val_batches, progress=False, desc="eval", keep_mistakes=MISCLASSIFIED_SHOWN)
-    if dist.is_main:
-        write_report(result, run_dir, {"checkpoint": str(cfg.ckpt), "model": cfg.model.name, "data": cfg.data.name},
-                     cfg.data)
+    loader = data.val_loader(ctx.batch_per_rank, ctx.dist.rank, ctx.dist.world_size)
+    result = evaluate(model, loader, ctx.device, ctx.dtype, list(data.class_names), ctx.dist, ctx.channels_last,
+                      cfg.trainer.limit_val_batches, progress=False, desc="eval", keep_mistakes=MISCLASSIFIED_SHOWN)
+    if ctx.dist.is_main:
+        info = {"checkpoint": str(trained.path), "model": cfg.model.name, "data": cfg.data.name}
+        if trained.runtime != "torch":
+            info["runtime"] = trained.runtime
+        write_report(result, ctx.run_dir, info, cfg.data)
     return result
 
 
@@ -186,16 +165,11 @@ def write_report(result: EvalResult, run_dir: str | Path, info: dict, data_cfg) 
     totals and per-class metrics), confusion_matrix.csv/.png, misclassified.png (images shown as
     ``data_cfg``'s mean and std de-normalise them) and TensorBoard events in ``run_dir``, and a table
     on stdout. ``info`` names at least the ``checkpoint``, ``model`` and ``data``."""
-    from torch.utils.tensorboard import SummaryWriter
-
-    from rednet.viz.images import save_figure
-
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     report = {**result.as_dict(), **info, "per_class": result.confusion.per_class()}
-    (run_dir / "metrics.json").write_text(to_json(report))
-    result.confusion.write_csv(run_dir / "confusion_matrix.csv")
-    confusion = result.confusion.figure()  # drawn once, for the file and for TensorBoard
+    write_json(run_dir / "metrics.json", report)
+    atomic_write(run_dir / "confusion_matrix.csv", result.confusion.csv())
+    confusion = confusion_figure(result.confusion)  # drawn once, for the file and for TensorBoard
     save_figure(confusion, run_dir / "confusion_matrix.png", dpi=110, close=False)
     with SummaryWriter(run_dir / "tensorboard") as writer:
         for key in ("acc1", "acc5", "loss"):

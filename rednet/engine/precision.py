@@ -46,7 +46,7 @@ def make_scaler(device: torch.device, dtype: torch.dtype | None) -> torch.amp.Gr
     return torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
 
 
-# What ``trainer.channels_last=auto`` and ``trainer.compile=auto`` mean on each kind of device, by
+# What ``trainer.channels_last=null`` and ``trainer.compile=null`` mean on each kind of device, by
 # measurement (README, Speed). Absent means off.
 # - channels_last on CUDA: on an H100 (bf16, batch 128) RedNet-26 trained at 2257 img/s against
 #   1848 in NCHW, and ResNet-50 at 3699 against 2117: cuDNN's NHWC convolutions and BatchNorm.
@@ -57,8 +57,8 @@ def make_scaler(device: torch.device, dtype: torch.dtype | None) -> torch.amp.Gr
 AUTO = {"channels_last": {"cuda": True}, "compile": {}}
 
 
-def resolve_auto(key: str, value: bool | str, device: torch.device) -> bool:
-    """``trainer.channels_last`` or ``trainer.compile`` as a bool: ``auto`` takes :data:`AUTO`."""
-    if value == "auto":
+def resolve_auto(key: str, value: bool | None, device: torch.device) -> bool:
+    """``trainer.channels_last`` or ``trainer.compile`` as a bool: null takes :data:`AUTO`."""
+    if value is None:
         return AUTO[key].get(device.type, False)
     return bool(value)

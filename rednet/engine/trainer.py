@@ -1,9 +1,10 @@
 """The training loop: ``Trainer(cfg, run_dir).fit()``.
 
 Read it top to bottom: ``__init__`` builds everything from the config, ``fit`` runs the epochs,
-``train_one_epoch`` runs the steps, ``validate`` measures, ``save`` and ``resume`` keep the run
-safe. Each step is batch -> autocast forward -> loss -> scaled backward -> (clip) -> optimizer
-step -> scheduler step -> EMA update.
+``train_one_epoch`` runs the steps and returns their metrics, ``validate`` measures and returns
+its results, and the records end each epoch. Each step is batch -> autocast forward -> loss ->
+scaled backward -> (clip) -> optimizer step -> scheduler step -> EMA update. Checkpoints, resume
+and signals are :class:`rednet.engine.checkpointing.Checkpoints`, which the trainer is.
 """
 
 from __future__ import annotations
@@ -15,40 +16,35 @@ import random
 import signal
 import sys
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch import nn
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from rednet.data import build_datamodule
 from rednet.engine import distributed
-from rednet.engine.checkpoint import read_checkpoint, save_checkpoint
+from rednet.engine.checkpointing import Checkpoints, Interrupted, set_rng_state
+from rednet.engine.context import setup_run
 from rednet.engine.ema import ModelEma
-from rednet.engine.evaluate import EvalResult, check_class_names, evaluate
+from rednet.engine.evaluate import EvalResult, evaluate
 from rednet.engine.optim import build_optimizer, build_scheduler
-from rednet.engine.precision import autocast, make_scaler, resolve_auto, resolve_device, resolve_precision
+from rednet.engine.precision import autocast, make_scaler
 from rednet.errors import CheckpointError, ConfigError, UserError
-from rednet.metrics import to_json, topk_correct
-from rednet.models import build_model, load_weights
+from rednet.io import write_json
+from rednet.metrics import topk_correct
+from rednet.models import build_model
+from rednet.viz.confusion import confusion_figure
+from rednet.viz.kernels import log_kernel_heatmaps
 
 log = logging.getLogger("rednet")
 
 
 class NonFiniteLossError(UserError):
     pass
-
-
-class Interrupted(UserError):
-    """SIGTERM or SIGINT arrived; the run saved its state and stops with the shell's 128 + signal."""
-
-    def __init__(self, message: str, signum: int) -> None:
-        super().__init__(message)
-        self.exit_code = 128 + signum
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
@@ -62,75 +58,17 @@ def seed_everything(seed: int, deterministic: bool) -> None:
         torch.backends.cudnn.benchmark = True
 
 
-def rng_state() -> dict:
-    """Every random generator the run uses, in types that load with weights_only=True."""
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    return {"python": random.getstate(), "numpy": [kind, torch.from_numpy(keys.copy()), pos, has_gauss, gauss],
-            "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-
-
-def set_rng_state(state: dict) -> None:
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    kind, keys, pos, has_gauss, gauss = state["numpy"]
-    np.random.set_state((kind, keys.numpy(), pos, has_gauss, gauss))
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def find_last_checkpoint(cfg: DictConfig, roots=("outputs", "multirun")) -> Path:
-    """The newest ``checkpoints/last.pt`` of a run with the same model and data.
-
-    A run's ``.hydra/config.yaml`` says what it trained; a run without one (``hydra.output_subdir=null``)
-    is asked through the config inside its checkpoint, newest first, which means reading it.
-    """
-    def same_run(other) -> bool:
-        return OmegaConf.select(other, "model.name") == cfg.model.name and \
-            OmegaConf.select(other, "data.name") == cfg.data.name
-
-    paths = sorted((p for root in roots for p in Path(root).glob("**/checkpoints/last.pt")),
-                   key=lambda p: p.stat().st_mtime, reverse=True)
-    for path in paths:
-        saved = path.parent.parent / ".hydra" / "config.yaml"
-        if saved.is_file():
-            if same_run(OmegaConf.load(saved)):
-                return path
-            continue
-        try:
-            if same_run(OmegaConf.create(read_checkpoint(path).get("config") or {})):
-                return path
-        except CheckpointError:
-            continue  # a damaged file is not a run to resume
-    raise CheckpointError(f"resume=auto found no checkpoints/last.pt of model={cfg.model.name} "
-                          f"data={cfg.data.name} under {' or '.join(roots)}/; start without resume, "
-                          f"or pass resume=path/to/last.pt")
-
-
-class Trainer:
+class Trainer(Checkpoints):
     def __init__(self, cfg: DictConfig, run_dir: str | Path) -> None:
         self.started = time.perf_counter()
         self.cfg = cfg
         t = cfg.trainer
-        self.device = resolve_device(t.device, distributed.env_info().local_rank)
-        if t.strategy == "ddp" and t.sync_batchnorm and self.device.type != "cuda":
-            # PyTorch's SyncBatchNorm raises in its first training forward on any other device.
-            raise ConfigError(f"trainer.sync_batchnorm=true needs CUDA: PyTorch's SyncBatchNorm does not run on "
-                              f"the {self.device.type}; set trainer.sync_batchnorm=false")
-        self.dist = (distributed.init_distributed(self.device, t.ddp_timeout_s) if t.strategy == "ddp"
-                     else distributed.DistInfo())
-        # Every rank resolved ${now:...} by itself; rank 0's folder is the run's.
-        self.run_dir = Path(distributed.broadcast_object(str(run_dir), self.dist))
+        ctx = self.ctx = setup_run(cfg, run_dir)
+        self.device, self.dist, self.run_dir = ctx.device, ctx.dist, ctx.run_dir
+        self.batch_per_rank, self.dtype = ctx.batch_per_rank, ctx.dtype
+        self.channels_last, self.compile = ctx.channels_last, ctx.compile
         if self.dist.enabled and (warning := distributed.shared_store_warning()):
             self.log(warning)
-        if cfg.data.batch_size % self.dist.world_size:
-            raise ConfigError(f"data.batch_size={cfg.data.batch_size} (the global batch) does not divide across "
-                              f"{self.dist.world_size} processes; use a multiple of {self.dist.world_size}")
-        self.batch_per_rank = cfg.data.batch_size // self.dist.world_size
-        self.dtype = resolve_precision(t.precision, self.device)
-        self.channels_last = resolve_auto("channels_last", t.channels_last, self.device)
-        self.compile = resolve_auto("compile", t.compile, self.device)
         seed_everything(t.seed + self.dist.rank, t.deterministic)
 
         self.log(f"run folder {self.run_dir}; building data={cfg.data.name}")
@@ -201,7 +139,7 @@ class Trainer:
                 train = self.train_one_epoch()
                 if self.stop_requested():  # validation can take minutes: save the epoch first
                     self.stop()
-                val = self.validate()
+                val, val_ema = self.validate()
                 trained_images += train["images_per_s"] * train["epoch_time_s"]
                 train_time += train["epoch_time_s"]
                 self.epoch += 1
@@ -209,7 +147,7 @@ class Trainer:
                 is_best = val.acc1 > self.best_acc1
                 if is_best:
                     self.best_acc1, self.best_epoch = val.acc1, self.epoch
-                self.record_epoch(train, val)
+                self.record_epoch(train, val, val_ema)
                 self.save("last.pt")
                 if is_best:
                     self.save("best.pt")
@@ -297,33 +235,6 @@ class Trainer:
         return {"loss": float(totals[0] / totals[2]), "acc1": float(totals[1] / totals[2]),
                 "images_per_s": float(totals[2]) / elapsed, "epoch_time_s": elapsed}
 
-    def stop(self) -> None:
-        """Saves where the run is and ends it, after a SIGTERM or SIGINT."""
-        self.save("last.pt")
-        name = signal.Signals(self.stop_signal).name
-        raise Interrupted(f"stopped by {name} at epoch {self.epoch + 1}, step {self.step}; saved "
-                          f"{self.ckpt_dir / 'last.pt'}; {self.resume_hint()}", self.stop_signal)
-
-    def stop_requested(self) -> bool:
-        """Whether a SIGTERM or SIGINT reached this process or, under DDP, any other.
-
-        Asked of every rank at the same points, so that all stop after the same step: a rank
-        that stopped alone would leave the others waiting in their next collective.
-        """
-        if not self.dist.enabled:
-            return self.stop_signal is not None
-        flag = torch.tensor([0.0 if self.stop_signal is None else 1.0], device=self.device)
-        if not distributed.all_reduce_sum(flag, self.dist).item():
-            return False
-        if self.stop_signal is None:
-            self.stop_signal = signal.SIGTERM
-        return True
-
-    def resume_hint(self) -> str:
-        if self.cfg.resume == "if_exists":
-            return "run the same command again to continue (resume=if_exists)"
-        return f"continue with resume=auto (or resume={self.ckpt_dir / 'last.pt'})"
-
     def keep_batch(self, loss: torch.Tensor, batch_size: int) -> bool:
         """Whether this batch makes an optimizer step.
 
@@ -358,31 +269,29 @@ class Trainer:
         self.batch_in_epoch += 1
         return False
 
-    def validate(self) -> EvalResult:
+    def validate(self) -> tuple[EvalResult, EvalResult | None]:
+        """The model's results on the validation set and, with ``trainer.ema``, its EMA's."""
         t = self.cfg.trainer
         # Each rank updated its BN statistics with its own last batch; validate rank 0's, which
         # is what the checkpoint holds, so a single-process eval of it gives the same numbers.
         distributed.broadcast_buffers(self.model, self.dist)
-        if self.ema is not None:
-            distributed.broadcast_buffers(self.ema, self.dist)
         result = evaluate(self.model, self.val_loader, self.device, self.dtype, self.class_names, self.dist,
                           self.channels_last, t.limit_val_batches, self.show_progress)
-        self.last_confusion = result.confusion
-        if self.ema is not None:
-            self.ema_result = evaluate(self.ema.module, self.val_loader, self.device, self.dtype, self.class_names,
-                                       self.dist, self.channels_last, t.limit_val_batches, self.show_progress,
-                                       "val ema")
-        return result
+        if self.ema is None:
+            return result, None
+        distributed.broadcast_buffers(self.ema, self.dist)
+        return result, evaluate(self.ema.module, self.val_loader, self.device, self.dtype, self.class_names,
+                                self.dist, self.channels_last, t.limit_val_batches, self.show_progress, "val ema")
 
     # -- records ------------------------------------------------------------------------------
 
-    def record_epoch(self, train: dict, val: EvalResult) -> None:
+    def record_epoch(self, train: dict, val: EvalResult, val_ema: EvalResult | None) -> None:
         self.metrics = {"epoch": self.epoch, "step": self.step, "train": train, "val": val.as_dict(),
                         "best": {"acc1": self.best_acc1, "epoch": self.best_epoch}}
         ema = ""
-        if self.ema is not None:
-            self.metrics["val_ema"] = self.ema_result.as_dict()
-            ema = f" | ema acc1 {self.ema_result.acc1:.4f}"
+        if val_ema is not None:
+            self.metrics["val_ema"] = val_ema.as_dict()
+            ema = f" | ema acc1 {val_ema.acc1:.4f}"
         trained = (f"train loss {train['loss']:.4f} acc1 {train['acc1']:.4f} ({train['images_per_s']:.0f} img/s)"
                    if train["loss"] is not None else "train: every batch skipped")
         self.log(f"epoch {self.epoch}/{self.cfg.trainer.max_epochs}: {trained} | val loss {val.loss:.4f} "
@@ -391,24 +300,19 @@ class Trainer:
             w = self.writer
             for key in ("loss", "acc1", "acc5"):
                 w.add_scalar(f"val/{key}", getattr(val, key), self.epoch)
-                if self.ema is not None:
-                    w.add_scalar(f"val_ema/{key}", getattr(self.ema_result, key), self.epoch)
+                if val_ema is not None:
+                    w.add_scalar(f"val_ema/{key}", getattr(val_ema, key), self.epoch)
             w.add_scalar("perf/images_per_s", train["images_per_s"], self.epoch)
             w.add_scalar("perf/epoch_time_s", train["epoch_time_s"], self.epoch)
-            fig = val.confusion.figure()
-            w.add_figure("val/confusion_matrix", fig, self.epoch, close=True)
+            w.add_figure("val/confusion_matrix", confusion_figure(val.confusion), self.epoch, close=True)
             if self.cfg.trainer.log_kernels:
-                from rednet.viz import log_kernel_heatmaps
-
                 log_kernel_heatmaps(w, self.model, self.data, self.cfg.data, self.epoch)
             w.flush()
 
     def write_metrics(self) -> None:
         if not self.dist.is_main:
             return
-        tmp = self.run_dir / ".metrics.json.tmp"
-        tmp.write_text(to_json(self.metrics))
-        tmp.replace(self.run_dir / "metrics.json")
+        write_json(self.run_dir / "metrics.json", self.metrics)
         if self.writer and "val" in self.metrics:
             hparams = {"model": self.cfg.model.name, "data": self.cfg.data.name, "optim": self.cfg.optim.name,
                        "lr": self.optimizer.param_groups[0]["initial_lr"], "batch_size": self.cfg.data.batch_size,
@@ -447,156 +351,3 @@ class Trainer:
     def show_progress(self) -> bool:
         mode = self.cfg.trainer.progress
         return self.dist.is_main and (mode == "bar" or (mode == "auto" and sys.stderr.isatty()))
-
-    # -- checkpoints ----------------------------------------------------------------------------
-
-    def state(self, rng_by_rank: list[dict]) -> dict:
-        return {
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "scaler": self.scaler.state_dict(),
-            "ema": self.ema.state_dict() if self.ema is not None else None,
-            "epoch": self.epoch,
-            "batch_in_epoch": self.batch_in_epoch,
-            "step": self.step,
-            "bad_steps": self.bad_steps,
-            "best_acc1": self.best_acc1,
-            "best_epoch": self.best_epoch,
-            "rng": rng_by_rank[0],
-            # Under DDP every rank draws its own augmentations: each one's generators, by rank.
-            "rng_by_rank": rng_by_rank if self.dist.enabled else None,
-            "config": OmegaConf.to_container(self.cfg, resolve=True),
-            "metrics": self.metrics,
-            "class_names": self.class_names,
-        }
-
-    def save(self, name: str) -> None:
-        """Only rank 0 writes; every rank waits so that no rank races ahead of a checkpoint.
-        ``last.pt`` keeps its predecessor as ``last.prev.pt``; ``best.pt`` needs no second copy."""
-        rng_by_rank = distributed.all_gather_object(rng_state(), self.dist)
-        if self.dist.is_main:
-            save_checkpoint(self.state(rng_by_rank), self.ckpt_dir / name, keep_previous=name == "last.pt")
-        if name == "last.pt":
-            self.saved = (self.ckpt_dir / name, self.epoch, self.batch_in_epoch, self.step)
-        distributed.barrier(self.dist)
-
-    def checkpoint_to_resume(self) -> Path | None:
-        """The checkpoint that ``resume`` names, or None for a fresh start.
-
-        ``auto``: the newest ``last.pt`` of the same model and data under outputs/ (an error if
-        none). ``if_exists``: this run folder's own ``last.pt`` if it has one, so that one command
-        starts a run and continues it after any restart (torchrun ``--max-restarts``, a SLURM
-        requeue) as long as the run folder is fixed. Rank 0 decides, so every rank loads the same file.
-        """
-        mode = self.cfg.resume
-        choice = error = None
-        if self.dist.is_main:
-            try:
-                if mode == "auto":
-                    choice = find_last_checkpoint(self.cfg)
-                elif mode == "if_exists":
-                    last = self.ckpt_dir / "last.pt"
-                    choice = last if last.is_file() else None
-                    if choice is None:
-                        self.log(f"resume=if_exists: {self.run_dir} has no checkpoints/last.pt yet, starting the run")
-                elif mode:
-                    choice = Path(mode)
-            except CheckpointError as e:
-                error = str(e)
-        choice, error = distributed.broadcast_object((choice, error), self.dist)
-        if error is not None:
-            raise CheckpointError(error)
-        if mode is None and distributed.restart_count():
-            self.log(f"warning: torchrun restarted this run (restart {distributed.restart_count()}) and without resume "
-                     f"training starts over; add resume=if_exists and a fixed hydra.run.dir to continue instead")
-        return choice
-
-    def resume(self, path: Path) -> None:
-        ckpt = read_checkpoint(path)
-        missing = [k for k in ("model", "optimizer", "scheduler", "epoch", "step", "rng") if k not in ckpt]
-        if missing:
-            raise CheckpointError(f"{path} cannot resume training: it lacks {', '.join(missing)} "
-                                  f"(weights-only files go in model.pretrained=...)")
-        trained = ckpt.get("config") or {}
-        for group in ("model", "optim"):
-            name = (trained.get(group) or {}).get("name")
-            if name is not None and name != self.cfg[group].name:
-                raise CheckpointError(f"{path} was trained with {group}={name}, not {group}={self.cfg[group].name}; "
-                                      f"resume with {group}={name}, or start a new run")
-        check_class_names(ckpt.get("class_names"), self.class_names, str(path), f"data={self.cfg.data.name}")
-        load_weights(self.model, ckpt["model"], name=str(path))
-        try:
-            self.optimizer.load_state_dict(ckpt["optimizer"])
-        except (ValueError, KeyError) as e:
-            raise CheckpointError(f"{path}: its optimizer state does not fit optim={self.cfg.optim.name} ({e!r}); "
-                                  f"resume with the optim settings it was trained with") from None
-        self.scheduler.load_state_dict(ckpt["scheduler"])
-        # The optimizer state holds the lr of the schedule it was saved under; with a longer
-        # trainer.max_epochs the schedule is stretched, so the next step's lr is recomputed from it.
-        schedule = zip(self.optimizer.param_groups, self.scheduler.base_lrs, self.scheduler.lr_lambdas)
-        for group, base_lr, factor in schedule:
-            group["lr"] = base_lr * factor(self.scheduler.last_epoch)
-        self.scaler.load_state_dict(ckpt["scaler"])
-        if self.ema is not None and ckpt.get("ema") is not None:
-            self.ema.load_state_dict(ckpt["ema"])
-        self.epoch, self.step = ckpt["epoch"], ckpt["step"]
-        self.batch_in_epoch = ckpt.get("batch_in_epoch", 0)
-        self.bad_steps = ckpt.get("bad_steps", 0)
-        self.best_acc1, self.best_epoch = ckpt.get("best_acc1", -1.0), ckpt.get("best_epoch", -1)
-        self.metrics = dict(ckpt.get("metrics") or {})
-        # Each rank continues its own generators when the run had as many processes; the data
-        # order depends on the process count too, so with another count nothing can be exact.
-        saved = ckpt.get("rng_by_rank") or [ckpt["rng"]]
-        mine = saved[self.dist.rank] if len(saved) == self.dist.world_size else saved[0] if self.dist.is_main else None
-        if mine is not None:
-            set_rng_state(mine)
-            self.pending_rng = mine if self.batch_in_epoch else None
-        if len(saved) != self.dist.world_size:
-            self.log(f"warning: {path} holds the random state of {len(saved)} process(es) and this run has "
-                     f"{self.dist.world_size}: data order and augmentations differ from an uninterrupted run's")
-        self.resumed_from = path
-        self.saved = (path, self.epoch, self.batch_in_epoch, self.step)
-        self.log(f"resumed from {path}: epoch {self.epoch}, step {self.step}")
-        if self.epoch >= self.cfg.trainer.max_epochs:
-            self.log(f"warning: {path} has trained {self.epoch} epochs and trainer.max_epochs="
-                     f"{self.cfg.trainer.max_epochs}: nothing is left to train, its metrics are reported as they are; "
-                     f"raise trainer.max_epochs to train on")
-
-    def unsaved(self, signum: int) -> str:
-        """What a second signal leaves behind: the newest checkpoint, and the steps after it."""
-        name, at = signal.Signals(signum).name, f"at step {self.step} (epoch {self.epoch + 1})"
-        if self.saved is None:
-            return f"stopped at once by a second {name} {at}, before the first checkpoint: nothing was saved"
-        path, epoch, batch, step = self.saved
-        held = f"after epoch {epoch}" if batch == 0 else f"in epoch {epoch + 1}"
-        since = f"the {self.step - step} step(s) since" if self.step > step else "nothing, it is up to date"
-        return (f"stopped at once by a second {name} {at}; saved: {path} (step {step}, {held}); not saved: {since}; "
-                f"continue from it with resume=auto")
-
-    @contextmanager
-    def stop_on_signals(self):
-        """SIGTERM (preemption) and SIGINT (Ctrl-C) finish the current step, save, and stop. A second
-        one stops at once, saying what the last checkpoint holds."""
-        second: list[Interrupted] = []
-
-        def request_stop(signum, frame):
-            if self.stop_signal is not None:  # the user insists
-                # KeyboardInterrupt, which no library's `except Exception` swallows; it becomes one line below.
-                second.append(Interrupted(self.unsaved(signum), signum))
-                raise KeyboardInterrupt
-            self.stop_signal = signum
-            if self.dist.is_main:  # os.write: print() is not safe inside a signal handler
-                os.write(sys.stderr.fileno(), f"{signal.Signals(signum).name}: finishing this step, then saving "
-                         f"{self.ckpt_dir / 'last.pt'}; press Ctrl-C again to stop at once without saving\n".encode())
-
-        previous = {s: signal.signal(s, request_stop) for s in (signal.SIGTERM, signal.SIGINT)}
-        try:
-            yield
-        except KeyboardInterrupt:
-            if second:
-                raise second[0] from None
-            raise
-        finally:
-            for s, handler in previous.items():
-                signal.signal(s, handler)

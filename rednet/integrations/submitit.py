@@ -19,6 +19,8 @@ import signal
 import zlib
 from contextlib import contextmanager
 
+from rednet.engine.checkpointing import Interrupted
+
 log = logging.getLogger("rednet")
 
 
@@ -51,8 +53,6 @@ def save_before_requeue():
         yield
         return
     import submitit
-
-    from rednet.engine.trainer import Interrupted
 
     warning = submitit.JobEnvironment._usr_sig()  # SIGUSR2 unless SUBMITIT_PREEMPT_SIGNAL says otherwise
     requeue = signal.getsignal(warning)  # submitit's: checkpoint the submission, requeue, exit
