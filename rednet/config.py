@@ -1,21 +1,72 @@
-"""Schemas for every config group, registered with Hydra's ConfigStore.
+"""Schemas for every config group, registered with Hydra's ConfigStore, and the checks of values.
 
 ``configs/train.yaml`` and ``configs/eval.yaml`` start from ``train_schema``; every group file
-merges into its typed node, so Hydra rejects an unknown key or a value of the wrong type before
-any work starts. Value
-checks that a type cannot express (a positive lr, a known model name) live in :func:`validate`.
+merges into its typed node, so Hydra rejects an unknown key, a value of the wrong type or a choice
+outside an Enum while it composes, before any work starts. Value checks that a type cannot express
+(a positive lr, a registered model or dataset) live in :func:`validate`.
 """
 
 from __future__ import annotations
 
 import difflib
 from dataclasses import dataclass, field, is_dataclass
+from enum import Enum
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from rednet.data import list_datasets
 from rednet.errors import ConfigError
+from rednet.models import list_models
+from rednet.models.resnet import STEM_INVOLUTION_CHANNELS
+
+
+class Choice(str, Enum):
+    """A closed set of values: the schema refuses any other while Hydra composes. A str, so that
+    ``cfg.trainer.device == "cpu"`` holds and messages print the value."""
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class BadImages(Choice):
+    error = "error"
+    skip = "skip"
+
+
+class Optimizer(Choice):
+    sgd = "sgd"
+    adamw = "adamw"
+
+
+class Schedule(Choice):
+    cosine = "cosine"
+    step = "step"
+
+
+class Device(Choice):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class Precision(Choice):
+    auto = "auto"
+    fp32 = "fp32"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
+class Strategy(Choice):
+    single = "single"
+    ddp = "ddp"
+
+
+class Progress(Choice):
+    auto = "auto"
+    bar = "bar"
+    none = "none"
 
 
 @dataclass
@@ -39,7 +90,7 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    name: str = MISSING  # cifar10 | cifar100 | imagenet | digits | fake
+    name: str = MISSING  # a name from rednet.data.list_datasets(): cifar10, cifar100, digits, fake, imagenet
     root: str = "data"
     download: bool = True
     batch_size: int = 128  # the global batch: split across ranks under DDP
@@ -54,13 +105,13 @@ class DataConfig:
     num_classes: Optional[int] = None  # fake only; every other dataset knows its classes
     train_size: int = 1000  # fake only
     val_size: int = 200  # fake only
-    bad_images: str = "error"  # imagenet/ImageFolder: error | skip unreadable images
+    bad_images: BadImages = BadImages.error  # imagenet/ImageFolder: error | skip unreadable images
     seed: int = 0  # digits: the fixed stratified split
 
 
 @dataclass
 class OptimConfig:
-    name: str = "sgd"  # sgd | adamw
+    name: Optimizer = Optimizer.sgd
     lr: float = 0.1
     # When set, lr is the rate at this global batch and is scaled linearly to data.batch_size.
     base_batch_size: Optional[int] = None
@@ -74,7 +125,7 @@ class OptimConfig:
 
 @dataclass
 class SchedConfig:
-    name: str = "cosine"  # cosine | step
+    name: Schedule = Schedule.cosine
     warmup_iters: int = 0  # linear warmup, in optimizer steps
     warmup_ratio: float = 0.1  # warmup starts at lr * warmup_ratio
     min_lr: float = 0.0  # cosine: the final lr
@@ -85,25 +136,25 @@ class SchedConfig:
 @dataclass
 class TrainerConfig:
     max_epochs: int = 100
-    device: str = "auto"  # auto | cpu | cuda
-    precision: str = "auto"  # auto | fp32 | bf16 | fp16
+    device: Device = Device.auto  # auto: the GPU when there is one
+    precision: Precision = Precision.auto  # auto: bf16 (fp16 on older GPUs) on CUDA, fp32 on the CPU
     seed: int = 42
     deterministic: bool = False
     label_smoothing: float = 0.0
     grad_clip: Optional[float] = None  # max global grad norm
     ema: bool = False
     ema_decay: float = 0.9998
-    # auto | true | false; auto picks what measured faster on the device (rednet.engine.precision.AUTO)
-    channels_last: Any = "auto"
-    compile: Any = "auto"
-    strategy: str = "single"  # single | ddp (launch with torchrun)
+    # null: what measured faster on the device (rednet.engine.precision.AUTO); true | false to choose
+    channels_last: Optional[bool] = None
+    compile: Optional[bool] = None
+    strategy: Strategy = Strategy.single  # ddp: launch with torchrun
     sync_batchnorm: bool = False  # ddp: convert BatchNorm to SyncBatchNorm
     ddp_timeout_s: int = 1800  # ddp: the longest any process waits for the others (a dead or hung one)
     limit_train_batches: Optional[int] = None  # for smoke tests and profiling
     limit_val_batches: Optional[int] = None
     save_every_n_steps: int = 0  # also write last.pt every N steps (0: once per epoch)
     max_bad_steps: int = 0  # skip up to N steps with a non-finite loss before stopping
-    progress: str = "auto"  # auto (a bar on a terminal) | bar | none
+    progress: Progress = Progress.auto  # auto: a bar on a terminal
     log_kernels: bool = False  # TensorBoard: kernel heat-maps of a few validation images at every validation
 
 
@@ -144,18 +195,6 @@ SCHEMAS = {"train": TrainConfig, "export": ExportConfig, "visualize": VisualizeC
 def register_configs() -> None:
     for name, schema in SCHEMAS.items():
         ConfigStore.instance().store(name=f"{name}_schema", node=schema)
-
-
-CHOICES = {
-    ("data", "name"): ["cifar10", "cifar100", "imagenet", "digits", "fake"],
-    ("data", "bad_images"): ["error", "skip"],
-    ("optim", "name"): ["sgd", "adamw"],
-    ("sched", "name"): ["cosine", "step"],
-    ("trainer", "device"): ["auto", "cpu", "cuda"],
-    ("trainer", "precision"): ["auto", "fp32", "bf16", "fp16"],
-    ("trainer", "strategy"): ["single", "ddp"],
-    ("trainer", "progress"): ["auto", "bar", "none"],
-}
 
 
 def schema_keys(schema: type = TrainConfig) -> list[str]:
@@ -211,15 +250,11 @@ METRICS = ["best.acc1", "val.acc1", "val.acc5", "val.loss", "train.loss", "train
 
 def validate(cfg: DictConfig | Any) -> None:
     """Checks values that the schema's types cannot, raising ConfigError naming key and fix."""
-    from rednet.models import list_models
-
     check_keys(cfg)
     if cfg.model.name not in list_models():
         raise ConfigError(f"model={cfg.model.name} is not a model; choose one of: {', '.join(list_models())}")
-    for (group, key), choices in CHOICES.items():
-        value = cfg[group][key]
-        if value not in choices:
-            raise ConfigError(f"{group}.{key}={value} is not valid; choose one of: {', '.join(choices)}")
+    if cfg.data.name not in list_datasets():
+        raise ConfigError(f"data.name={cfg.data.name} is not valid; choose one of: {', '.join(list_datasets())}")
     positive = {"optim.lr": cfg.optim.lr, "trainer.max_epochs": cfg.trainer.max_epochs,
                 "trainer.ddp_timeout_s": cfg.trainer.ddp_timeout_s,
                 "data.batch_size": cfg.data.batch_size, "data.image_size": cfg.data.image_size}
@@ -235,10 +270,6 @@ def validate(cfg: DictConfig | Any) -> None:
             raise ConfigError(f"{key}={value} must not be negative")
     if not 0 <= cfg.trainer.label_smoothing < 1:
         raise ConfigError(f"trainer.label_smoothing={cfg.trainer.label_smoothing} must be in [0, 1)")
-    for key in ("channels_last", "compile"):
-        value = cfg.trainer[key]
-        if not (isinstance(value, bool) or value == "auto"):
-            raise ConfigError(f"trainer.{key}={value} is not valid; choose one of: auto, true, false")
     if cfg.trainer.grad_clip is not None and cfg.trainer.grad_clip <= 0:
         raise ConfigError(f"trainer.grad_clip={cfg.trainer.grad_clip} must be positive, or null to turn it off")
     if cfg.data.name == "fake" and not (cfg.data.num_classes or 0) >= 1:
@@ -281,8 +312,7 @@ def validate(cfg: DictConfig | Any) -> None:
 
 def _validate_involution(m) -> None:
     """The involution settings must fit every involution of the model, the narrowest being the stem's."""
-    from rednet.models.resnet import STEM_INVOLUTION_CHANNELS as width
-
+    width = STEM_INVOLUTION_CHANNELS
     if not m.name.startswith("rednet"):
         if m.fused_generator:
             raise ConfigError(f"model.fused_generator=true fuses RedNet's involutions, and {m.name} has none; "

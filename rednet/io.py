@@ -104,7 +104,7 @@ def atomic_write_all(files: dict[str | Path, Content], what: str = "", keep_prev
             _fsync_dir(folder)
     except (OSError, RuntimeError) as e:
         name = f"{what} {paths[0]}" if what else str(paths[0])
-        kept = ("the previous file there is intact" if any(existed) else "nothing was written there") \
+        kept = (f"the previous {what or 'file'} there is intact" if any(existed) else "nothing was written there") \
             if not renamed else f"{len(renamed)} of the {len(paths)} files were replaced"
         raise WriteError(f"could not write {name}: {_reason(e)}; {kept}") from e
     finally:  # gone after the renames; after a failure or a second Ctrl-C, the targets are untouched
@@ -129,9 +129,8 @@ def atomic_open(path: str | Path, what: str = "") -> Iterator[IO[bytes]]:
         os.replace(tmp, path)
         _fsync_dir(path.parent)
     except (OSError, RuntimeError) as e:
-        raise WriteError(f"could not write {what + ' ' if what else ''}{path}: {_reason(e)}; "
-                         f"{'the previous file there is intact' if path.exists() else 'nothing was written there'}"
-                         ) from e
+        kept = f"the previous {what or 'file'} there is intact" if path.exists() else "nothing was written there"
+        raise WriteError(f"could not write {what + ' ' if what else ''}{path}: {_reason(e)}; {kept}") from e
     finally:
         with contextlib.suppress(OSError):
             tmp.unlink(missing_ok=True)

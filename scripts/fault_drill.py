@@ -36,8 +36,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from rednet.engine.checkpoint import read_checkpoint  # noqa: E402
 from rednet.errors import CheckpointError  # noqa: E402
+from rednet.io import read_checkpoint  # noqa: E402
 
 # Small enough for minutes on two cores; mid-epoch checkpoints give the kills more to hit.
 RUN = ["data=digits", "model=rednet18", "trainer.max_epochs=3", "data.batch_size=64", "trainer.progress=none",

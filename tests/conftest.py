@@ -43,6 +43,16 @@ def compose_config(overrides: list[str], name: str = "train"):
         return compose(config_name=name, overrides=overrides)
 
 
+def command_config(name: str, overrides: list[str]):
+    """What eval.py, export.py and visualize.py do before their work, in this process: the file that
+    ``ckpt=`` names, opened, and the command's config completed from it."""
+    from rednet.engine.trained import config_for, open_trained
+
+    ckpt = next(o.split("=", 1)[1] for o in overrides if o.startswith("ckpt="))
+    trained = open_trained(ckpt)
+    return config_for(compose_config(overrides, name), trained, overrides), trained
+
+
 def run_cli(script: str, *args: str, cwd: Path | None = None, timeout: int = 300, env: dict | None = None):
     """Runs ``python train.py ...`` or ``python eval.py ...`` as a user would."""
     return subprocess.run([sys.executable, str(ROOT / script), *args], cwd=cwd or ROOT, capture_output=True,

@@ -2,6 +2,7 @@
 fix, exit status 2, no traceback."""
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -118,7 +119,7 @@ def test_global_batch_must_divide_across_ranks(tmp_path):
 
 @pytest.mark.slow  # three training jobs
 def test_glob_sweep_is_left_to_hydra(tmp_path):
-    # glob() needs Hydra's config loader to expand, so the preflight cannot enumerate it.
+    # glob() needs Hydra's config loader to expand: the command line leaves every sweep to Hydra.
     result = run_cli("train.py", "-m", "model=glob(resnet1*)", "data=digits", "trainer.max_epochs=1",
                      "trainer.limit_train_batches=1", "trainer.limit_val_batches=1", "trainer.progress=none",
                      f"hydra.sweep.dir={tmp_path}/sweep", "hydra.sweep.subdir=${hydra.job.num}")
@@ -126,17 +127,25 @@ def test_glob_sweep_is_left_to_hydra(tmp_path):
     assert (tmp_path / "sweep/0/metrics.json").is_file() and not (tmp_path / "sweep/1").exists()
 
 
-def preflight_error(capsys, *args, config="train"):
-    """The preflight the command line runs before Hydra, in this process: its one line, or None."""
-    from rednet.cli import preflight
+def cli_error(capsys, monkeypatch, *args, config="train"):
+    """The command line's checks and Hydra's composition, in this process, with a command that does
+    nothing once composed: its one line, or None."""
+    from hydra.core.global_hydra import GlobalHydra
 
+    from rednet import cli
+
+    monkeypatch.setenv("HYDRA_FULL_ERROR", "0")  # restored after: _main sets it
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)  # hydra.job.env_set below sets it in this process
+    monkeypatch.setattr(sys, "argv", [f"{config}.py", *args, "hydra/job_logging=none", "hydra/hydra_logging=none"])
     try:
-        preflight(config, list(args))
+        cli._main(lambda cfg: None, config)
     except SystemExit as e:
         assert e.code == 2
         lines = capsys.readouterr().err.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: "), lines
         return lines[0]
+    finally:
+        GlobalHydra.instance().clear()
     return None
 
 
@@ -148,8 +157,8 @@ def preflight_error(capsys, *args, config="train"):
     (["+data.workers=2"], ["did you mean data.num_workers?"]),
     (["-m", "trainer.seed=1,2", "+model.kernel_sz=5,7"], ["did you mean model.kernel_size?"]),
 ])
-def test_unknown_keys_are_rejected_however_spelled(capsys, tmp_path, args, fragments):
-    error = preflight_error(capsys, *args, f"hydra.run.dir={tmp_path}/run", f"hydra.sweep.dir={tmp_path}/sweep")
+def test_unknown_keys_are_rejected_however_spelled(capsys, monkeypatch, tmp_path, args, fragments):
+    error = cli_error(capsys, monkeypatch, *args, f"hydra.run.dir={tmp_path}/run", f"hydra.sweep.dir={tmp_path}/sweep")
     assert error is not None, f"{args} was accepted"
     for fragment in fragments:
         assert fragment in error, error
@@ -160,44 +169,46 @@ def test_unknown_keys_are_rejected_however_spelled(capsys, tmp_path, args, fragm
     ["+hydra.job.env_set.OMP_NUM_THREADS=1"], ["hydra/job_logging=none"], ["hydra/launcher=basic"],
     ["++trainer.max_epochs=3"], ["experiment=rednet26_cifar10"],
 ])
-def test_hydra_keys_and_config_groups_stay_allowed(capsys, tmp_path, args):
-    assert preflight_error(capsys, *args, f"hydra.run.dir={tmp_path}/run") is None
+def test_hydra_keys_and_config_groups_stay_allowed(capsys, monkeypatch, tmp_path, args):
+    assert cli_error(capsys, monkeypatch, *args, f"hydra.run.dir={tmp_path}/run") is None
 
 
-def test_eval_rejects_unknown_keys_too(capsys, tmp_path):
-    error = preflight_error(capsys, "ckpt=x.pt", "+data.root_dir=/data", f"hydra.run.dir={tmp_path}/e", config="eval")
+def test_eval_rejects_unknown_keys_too(capsys, monkeypatch, tmp_path):
+    error = cli_error(capsys, monkeypatch, "ckpt=x.pt", "+data.root_dir=/data", f"hydra.run.dir={tmp_path}/e",
+                      config="eval")
     assert "data.root_dir is not a config key; did you mean data.root?" in error
 
 
-def test_export_and_visualize_check_against_their_own_schema(capsys, tmp_path):
+def test_export_and_visualize_check_against_their_own_schema(capsys, monkeypatch, tmp_path):
     # Their schemas add keys to the training schema: those are valid there, and suggested.
-    assert preflight_error(capsys, "ckpt=x.pt", "out=m.onnx", f"hydra.run.dir={tmp_path}/x", config="export") is None
-    error = preflight_error(capsys, "ckpt=x.pt", "+outt=m.onnx", f"hydra.run.dir={tmp_path}/x", config="export")
+    assert cli_error(capsys, monkeypatch, "ckpt=x.pt", "out=m.onnx", f"hydra.run.dir={tmp_path}/x",
+                     config="export") is None
+    error = cli_error(capsys, monkeypatch, "ckpt=x.pt", "+outt=m.onnx", f"hydra.run.dir={tmp_path}/x", config="export")
     assert "outt is not a config key; did you mean out?" in error
-    error = preflight_error(capsys, "ckpt=x.pt", "+num_image=2", f"hydra.run.dir={tmp_path}/v", config="visualize")
+    error = cli_error(capsys, monkeypatch, "ckpt=x.pt", "+num_image=2", f"hydra.run.dir={tmp_path}/v",
+                      config="visualize")
     assert "num_image is not a config key; did you mean num_images?" in error
     # Spelled without +, Hydra itself refuses the key; the hint comes from the same schema.
-    error = preflight_error(capsys, "ckpt=x.pt", "outt=m.onnx", f"hydra.run.dir={tmp_path}/x", config="export")
+    error = cli_error(capsys, monkeypatch, "ckpt=x.pt", "outt=m.onnx", f"hydra.run.dir={tmp_path}/x", config="export")
     assert "Key 'outt' not in 'ExportConfig'; did you mean out?" in error
 
 
-def test_unwritable_run_folder(capsys, tmp_path):
+def test_unwritable_run_folder(capsys, monkeypatch, tmp_path):
     (tmp_path / "afile").write_text("")
-    error = preflight_error(capsys, "data=digits", f"hydra.run.dir={tmp_path}/afile/run")
+    error = cli_error(capsys, monkeypatch, "data=digits", f"hydra.run.dir={tmp_path}/afile/run")
     assert error is not None, "a run folder inside a file was accepted"
     assert f"cannot make the run folder {tmp_path}/afile/run" in error and "hydra.run.dir=" in error
-    error = preflight_error(capsys, "-m", "trainer.seed=1,2", f"hydra.sweep.dir={tmp_path}/afile/sweep")
+    error = cli_error(capsys, monkeypatch, "-m", "trainer.seed=1,2", f"hydra.sweep.dir={tmp_path}/afile/sweep")
     assert f"{tmp_path}/afile/sweep" in error and "hydra.sweep.dir=" in error
     if Path("/proc/self").is_dir():  # the folder of the report: a place nobody can make folders in
-        assert "cannot make the run folder /proc/nope" in preflight_error(capsys, "hydra.run.dir=/proc/nope")
+        assert "cannot make the run folder /proc/nope" in cli_error(capsys, monkeypatch, "hydra.run.dir=/proc/nope")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]  # the probe left nothing
-    assert preflight_error(capsys, f"hydra.run.dir={tmp_path}/new/run") is None
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+    assert cli_error(capsys, monkeypatch, f"hydra.run.dir={tmp_path}/new/run") is None
 
 
 def test_checkpoint_path_that_is_a_directory(tmp_path):
-    from rednet.engine.checkpoint import read_checkpoint
     from rednet.errors import CheckpointError
+    from rednet.io import read_checkpoint
 
     with pytest.raises(CheckpointError, match=f"checkpoint {tmp_path} is a directory, not a file; pass a checkpoint "
                                               f"file, e.g. a run's checkpoints/best.pt"):

@@ -17,8 +17,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from rednet.engine.checkpoint import read_checkpoint, save_checkpoint
 from rednet.engine.trainer import Trainer
+from rednet.io import read_checkpoint, save_checkpoint
 from scripts.fault_drill import outcome, worker_pids
 from tests.conftest import FAST, ROOT, compose_config
 

@@ -11,9 +11,9 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from rednet.errors import DeployError
+from rednet.errors import DeployError, WriteError
 from rednet.models import Involution, create_model
-from tests.conftest import compose_config, run_cli
+from tests.conftest import command_config, compose_config, run_cli
 
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
@@ -169,18 +169,19 @@ def test_auto_takes_band_only_for_a_1x1_generator(producer):
 def digits_export(tmp_path_factory):
     """A RedNet-18 checkpoint for digits, in the trainer's format, and its export."""
     from rednet.deploy.export import export_checkpoint
-    from rednet.engine.checkpoint import save_checkpoint
+    from rednet.engine.trained import open_trained
+    from rednet.io import save_checkpoint
 
     root = tmp_path_factory.mktemp("digits")
     cfg = compose_config(["model=rednet18", "data=digits", "trainer.device=cpu"])
     model = trained_like("rednet18", 8, in_chans=1)
-    ckpt = {"model": model.state_dict(), "config": OmegaConf.to_container(cfg, resolve=True),
+    ckpt = {"model": model.state_dict(), "config": OmegaConf.to_container(cfg, resolve=True, enum_to_str=True),
             "class_names": [str(i) for i in range(10)]}
     save_checkpoint(ckpt, root / "best.pt")
     # Trained with the fused generator: its Triton operator has no ONNX counterpart, so export runs unfused.
     export_cfg = compose_config(["model=rednet18", "model.fused_generator=true", "data=digits", f"ckpt={root}/best.pt"],
                                 name="export")
-    export_checkpoint(export_cfg, ckpt)
+    export_checkpoint(export_cfg, open_trained(root / "best.pt"))
     return root, model
 
 
@@ -228,10 +229,8 @@ def test_a_second_runtime_gives_the_same_logits(digits_export):
 def test_eval_through_onnxruntime_equals_eval_through_pytorch(digits_dir, tmp_path):
     """What eval.py does for ckpt=best.pt and for ckpt=model.onnx (the command line's dispatch
     is tested below), on the same two batches of 32 of the 360 test images."""
-    from rednet.cli import config_for_checkpoint
     from rednet.data import build_datamodule
-    from rednet.deploy.runtime import evaluate_onnx, read_sidecar
-    from rednet.engine.evaluate import evaluate
+    from rednet.engine.evaluate import evaluate, evaluate_trained
     from rednet.models import load_weights
 
     data = build_datamodule(compose_config(["data=digits"]).data)
@@ -241,9 +240,8 @@ def test_eval_through_onnxruntime_equals_eval_through_pytorch(digits_dir, tmp_pa
 
     overrides = [f"ckpt={digits_dir}/model.onnx", "data.batch_size=32", "trainer.progress=none",
                  "trainer.limit_val_batches=2"]
-    info = read_sidecar(digits_dir / "model.onnx")
-    cfg = config_for_checkpoint(compose_config(overrides, name="eval"), info["config"], overrides)
-    result = evaluate_onnx(cfg, info, tmp_path / "onnx")
+    cfg, trained = command_config("eval", overrides)
+    result = evaluate_trained(cfg, trained, tmp_path / "onnx")
     assert result.count == 64 and result.acc1 == expected.acc1 and result.acc5 == expected.acc5
     assert torch.equal(result.confusion.matrix, expected.confusion.matrix)
     assert result.loss == pytest.approx(expected.loss, rel=1e-4)
@@ -263,7 +261,7 @@ def test_eval_refuses_an_onnx_file_for_other_classes(digits_dir, tmp_path):
                      f"hydra.run.dir={tmp_path}/eval")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     errors = [line for line in result.stderr.splitlines() if line.strip()]
-    assert errors == [f"error: {digits_dir}/model.onnx has 10 classes but data=fake has 3; evaluate it on data "
+    assert errors == [f"error: {digits_dir}/model.onnx has 10 classes but data=fake has 3; use data "
                       f"with the same classes"]
     assert not (tmp_path / "eval/metrics.json").exists()
 
@@ -273,14 +271,14 @@ def test_official_layout_state_dict(tmp_path):
     """An mmcls file (``state_dict`` with backbone./head. keys, no config) exports with model=:
     RedNet-26, an official model at 224 px: slow; the fast tests export our own checkpoint format."""
     from rednet.deploy.export import export_checkpoint
-    from rednet.engine.checkpoint import read_checkpoint
+    from rednet.engine.trained import open_trained
 
     name, size = "rednet26", 224
     model = trained_like(name, size, num_classes=1000)
     torch.save({"meta": {"mmcls_version": "0.x"}, "state_dict": model.state_dict()}, tmp_path / "official.pth")
     cfg = compose_config([f"model={name}", f"data.image_size={size}", f"ckpt={tmp_path}/official.pth",
                           f"out={tmp_path}/deploy/{name}.onnx"], name="export")
-    export_checkpoint(cfg, read_checkpoint(tmp_path / "official.pth"))
+    export_checkpoint(cfg, open_trained(tmp_path / "official.pth"))
     info = json.loads((tmp_path / f"deploy/{name}.json").read_text())
     assert info["num_classes"] == 1000 and info["class_names"] is None and info["mean"] == [0.485, 0.456, 0.406]
     classifier = OnnxClassifier(tmp_path / f"deploy/{name}.onnx")
@@ -314,19 +312,20 @@ def test_export_to_a_path_that_cannot_be_written(tmp_path):
 
 def test_a_failed_write_keeps_the_previous_export(tmp_path, monkeypatch):
     # A full disk while the new pair is written: the earlier model.onnx and its sidecar stay as they were.
-    import rednet.deploy.export as export
+    import rednet.io
 
     (tmp_path / "model.onnx").write_bytes(b"the earlier export")
     (tmp_path / "model.json").write_text("{}")
-    write = export._write
+    write = rednet.io._write_temporary
 
     def disk_full_on_the_sidecar(path, data):
         if path.name.startswith(".model.json"):
             raise OSError(28, "No space left on device")
         write(path, data)
 
-    monkeypatch.setattr(export, "_write", disk_full_on_the_sidecar)
-    with pytest.raises(DeployError, match="No space left on device; nothing was written"):
+    monkeypatch.setattr(rednet.io, "_write_temporary", disk_full_on_the_sidecar)
+    with pytest.raises(WriteError, match=r"could not write export .*model.onnx: No space left on device; the "
+                                         r"previous export there is intact"):
         export_onnx(Layer().eval(), tmp_path / "model.onnx", 32, 8)
     assert (tmp_path / "model.onnx").read_bytes() == b"the earlier export"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.json", "model.onnx"]

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from rednet.engine import checkpoint as ckpt_io
-from rednet.engine.checkpoint import read_checkpoint, save_checkpoint
+from rednet import io as ckpt_io
 from rednet.engine.trainer import NonFiniteLossError, Trainer
 from rednet.errors import CheckpointError
+from rednet.io import read_checkpoint, save_checkpoint
 from tests.conftest import FAST, ROOT, compose_config
 
 RUN = ["data=digits", "model=rednet18", "data.batch_size=32", "trainer.max_epochs=2", "trainer.limit_train_batches=6",
@@ -162,7 +162,7 @@ def test_resume_refuses_another_model_or_optimizer(tmp_path):
 
 
 def test_resume_auto_reads_the_config_of_runs_without_a_hydra_folder(tmp_path, monkeypatch):
-    from rednet.engine.trainer import find_last_checkpoint
+    from rednet.engine.checkpointing import find_last_checkpoint
 
     monkeypatch.chdir(tmp_path)
     for run, model in [("old", "rednet18"), ("new", "rednet26")]:  # "new" is written last
@@ -185,7 +185,7 @@ def test_an_epoch_with_every_batch_skipped_says_so(tmp_path, caplog):
 
 
 def test_metrics_json_writes_a_diverged_loss_as_null():
-    from rednet.metrics import to_json
+    from rednet.io import to_json
 
     text = to_json({"val": {"loss": float("nan"), "acc1": 0.5}, "inf": [float("inf"), 1.0]})
     assert json.loads(text, parse_constant=pytest.fail) == {"val": {"loss": None, "acc1": 0.5}, "inf": [None, 1.0]}

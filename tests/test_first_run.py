@@ -59,7 +59,7 @@ def test_resume_auto_with_nothing_to_resume_leaves_no_folders(tmp_path, monkeypa
 
 def test_errors_go_into_the_runs_log(tmp_path, capsys):
     """Hydra's log file (train.log) gets the error line that the console shows, and a bug's traceback."""
-    from rednet.cli import guarded
+    from rednet.cli import _CommandFailed, guarded
 
     handler = logging.FileHandler(tmp_path / "train.log")
     logging.getLogger().addHandler(handler)
@@ -79,8 +79,9 @@ def test_errors_go_into_the_runs_log(tmp_path, capsys):
         with pytest.raises(SystemExit) as e:
             guarded(ctrl_c)(None)
         assert e.value.code == 130
-        with pytest.raises(RuntimeError):
+        with pytest.raises(_CommandFailed) as e:  # its traceback printed by the entry point
             guarded(bug)(None)
+        assert isinstance(e.value.__cause__, RuntimeError)
     finally:
         logging.getLogger().removeHandler(handler)
         handler.close()

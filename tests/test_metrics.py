@@ -6,6 +6,8 @@ import torch
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support, top_k_accuracy_score
 
 from rednet.metrics import ConfusionMatrix, topk_correct
+from rednet.viz.confusion import confusion_figure
+from rednet.viz.images import save_figure
 
 
 def test_confusion_matrix_and_per_class_match_sklearn():
@@ -48,7 +50,7 @@ def test_small_figure_shows_counts_and_recall(tmp_path):
     cm.update(torch.tensor([0, 0, 1, 1, 1, 3, 2, 3]), torch.tensor([0, 0, 0, 1, 1, 1, 2, 3]))
     counts = np.array([[2, 1, 0, 0], [0, 2, 0, 1], [0, 0, 1, 0], [0, 0, 0, 1]])
     recall = counts / counts.sum(1, keepdims=True)
-    fig = cm.figure()
+    fig = confusion_figure(cm)
     panels = [ax for ax in fig.axes if ax.get_title()]
     assert [ax.get_title() for ax in panels] == ["counts", "row-normalised (recall)"]
     for ax, expected, fmt in zip(panels, (counts, recall), ("{:.0f}", "{:.2f}")):
@@ -60,7 +62,7 @@ def test_small_figure_shows_counts_and_recall(tmp_path):
                  for t in ax.texts if t.get_visible()}
         # Every non-zero cell is written in, and no zero cell is.
         assert shown == {(i, j): fmt.format(expected[i, j]) for i, j in zip(*np.nonzero(expected))}
-    cm.write_png(tmp_path / "small.png")
+    save_figure(fig, tmp_path / "small.png")
     with Image.open(tmp_path / "small.png") as png:
         png.load()
         assert png.size[0] > 500
@@ -76,7 +78,7 @@ def test_large_figure_shows_recall_and_the_top_confusions(tmp_path):
     pred[:30] = 7  # one confusion far more frequent than the rest
     target[:30] = 3
     big.update(pred, target)
-    fig = big.figure()
+    fig = confusion_figure(big)
     counts = confusion_matrix(target.numpy(), pred.numpy(), labels=range(1000))
     np.testing.assert_allclose(fig.axes[0].images[0].get_array(), counts / np.maximum(counts.sum(1, keepdims=True), 1))
     bars = fig.axes[1]
@@ -85,7 +87,7 @@ def test_large_figure_shows_recall_and_the_top_confusions(tmp_path):
     off = counts - np.diag(np.diag(counts))
     assert widths == sorted(off.flatten().tolist(), reverse=True)[:25]
     assert bars.get_yticklabels()[-1].get_text() == "3 → 7" and widths[0] == off[3, 7]
-    big.write_png(tmp_path / "big.png")
+    save_figure(fig, tmp_path / "big.png")
     with Image.open(tmp_path / "big.png") as png:
         png.load()
         assert png.size[0] > 1000

@@ -8,13 +8,11 @@ import shutil
 import pytest
 import torch
 
-from rednet.cli import config_for_checkpoint
-from rednet.engine.checkpoint import read_checkpoint
-from rednet.engine.evaluate import evaluate_checkpoint
+from rednet.engine.evaluate import evaluate_trained
 from rednet.engine.trainer import Trainer
 from rednet.errors import CheckpointError
 from rednet.models import create_model
-from tests.conftest import FAST, compose_config
+from tests.conftest import FAST, command_config, compose_config
 from tests.fakedata import make_cifar, make_imagefolder, write_corrupt_image
 
 TINY = FAST + ["model=rednet18", "trainer.max_epochs=1"]
@@ -28,12 +26,11 @@ def test_eval_takes_single_data_keys_on_top_of_the_checkpoint(tmp_path):
                                    "trainer.limit_train_batches=1", "trainer.limit_val_batches=1"]), run).fit()
     moved = make_cifar(tmp_path / "moved", n_train=10, n_test=30, seed=1)
     shutil.rmtree(first)
-    ckpt = read_checkpoint(run / "checkpoints/last.pt")
     overrides = [f"ckpt={run}/checkpoints/last.pt", f"data.root={moved}", "trainer.device=cpu"]
-    cfg = config_for_checkpoint(compose_config(overrides, name="eval"), ckpt["config"], overrides)
+    cfg, trained = command_config("eval", overrides)
     assert (cfg.model.name, cfg.data.name, cfg.data.root, cfg.data.batch_size, cfg.data.download) == \
         ("rednet18", "cifar10", moved, 5, False)
-    evaluate_checkpoint(cfg, ckpt, tmp_path / "eval")
+    evaluate_trained(cfg, trained, tmp_path / "eval")
     metrics = json.loads((tmp_path / "eval/metrics.json").read_text())
     assert metrics["count"] == 30  # the moved copy's whole test split, not the training run's one batch
 

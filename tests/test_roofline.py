@@ -100,9 +100,9 @@ def test_categories_of_operators_and_kernels(name, category):
 
 def test_auto_speed_settings_by_device():
     cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
-    assert resolve_auto("channels_last", "auto", cuda) is True
-    assert resolve_auto("channels_last", "auto", cpu) is False
-    assert resolve_auto("compile", "auto", cuda) is False and resolve_auto("compile", "auto", cpu) is False
+    assert resolve_auto("channels_last", None, cuda) is True
+    assert resolve_auto("channels_last", None, cpu) is False
+    assert resolve_auto("compile", None, cuda) is False and resolve_auto("compile", None, cpu) is False
     assert resolve_auto("channels_last", False, cuda) is False and resolve_auto("compile", True, cpu) is True
 
 

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from rednet.engine.checkpoint import read_checkpoint
+from rednet.io import read_checkpoint
 from tests.conftest import ROOT
 
 RUN = ["data=digits", "trainer.limit_val_batches=1", "trainer.progress=none", "trainer.device=cpu"]

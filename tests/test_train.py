@@ -9,8 +9,8 @@ import torch
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from rednet.engine.checkpoint import read_checkpoint
 from rednet.engine.trainer import Trainer
+from rednet.io import read_checkpoint
 from tests.conftest import FAST, compose_config, run_cli
 from tests.fakedata import make_cifar, make_imagefolder
 

@@ -13,9 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rednet.engine.checkpoint import read_checkpoint
 from rednet.engine.trainer import Trainer
 from rednet.errors import ConfigError
+from rednet.io import read_checkpoint
 from rednet.models import Involution
 from tests.conftest import FAST, compose_config
 

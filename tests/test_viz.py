@@ -14,10 +14,10 @@ from rednet.engine.evaluate import evaluate, write_misclassified
 from rednet.engine.trainer import Trainer
 from rednet.errors import UserError
 from rednet.models import create_model
+from rednet.visualize import visualize_checkpoint
 from rednet.viz import capture_kernels, kernel_heatmaps, kernels_at
 from rednet.viz.kernels import map_position
-from rednet.viz.visualize import visualize_checkpoint
-from tests.conftest import FAST, compose_config, run_cli
+from tests.conftest import FAST, command_config, compose_config, run_cli
 from tests.fakedata import make_imagefolder
 
 TINY = FAST + ["model=rednet18", "data=digits", "data.batch_size=16", "trainer.limit_train_batches=2",
@@ -35,7 +35,7 @@ def digits_ckpt(tmp_path_factory):
     torch.manual_seed(0)
     model = build_model(cfg.model, 10, 1, 8)
     path = tmp_path_factory.mktemp("viz") / "digits.pt"
-    torch.save({"model": model.state_dict(), "config": OmegaConf.to_container(cfg, resolve=True),
+    torch.save({"model": model.state_dict(), "config": OmegaConf.to_container(cfg, resolve=True, enum_to_str=True),
                 "class_names": [str(i) for i in range(10)]}, path)
     return path
 
@@ -45,20 +45,15 @@ def digits_run(tmp_path_factory):
     """Two short epochs on digits with trainer.log_kernels=true (one logged image, to save time)."""
     run = tmp_path_factory.mktemp("viz") / "run"
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr("rednet.viz.visualize.LOGGED_IMAGES", 1)
+        mp.setattr("rednet.viz.kernels.LOGGED_IMAGES", 1)
         Trainer(compose_config(TINY + ["trainer.max_epochs=2", "trainer.log_kernels=true"]), run).fit()
     return run
 
 
 def visualize(tmp_path, ckpt, overrides):
     """visualize.py's work in this process: the config as the command line composes it, then the checkpoint's."""
-    from rednet.cli import config_for_checkpoint
-    from rednet.engine.checkpoint import read_checkpoint
-
-    overrides = FAST + [f"ckpt={ckpt}"] + overrides
-    ckpt = read_checkpoint(ckpt)
-    cfg = config_for_checkpoint(compose_config(overrides, "visualize"), ckpt.get("config"), overrides)
-    return visualize_checkpoint(cfg, ckpt, tmp_path / "vis")
+    cfg, trained = command_config("visualize", FAST + [f"ckpt={ckpt}"] + overrides)
+    return visualize_checkpoint(cfg, trained, tmp_path / "vis")
 
 
 def png_size(path):
