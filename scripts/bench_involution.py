@@ -50,7 +50,7 @@ with its own kernel size, stride, groups and generator width.
   of x, the reduced features, conv2's weight and bias), the speed-up, and the memory autograd keeps
   for the backward, counted with saved-tensor hooks (the unfused layer keeps the kernel map).
 * ``model``: one training step of ``--model`` (SGD; bf16 autocast on CUDA) with and without
-  ``fused_generator``: step time, peak memory (``rednet.benchmark.peak_bytes``) and memory kept for
+  ``fused_generator``: step time, peak memory (``scripts.benchmark.peak_bytes``) and memory kept for
   the backward, against the sum of the kernel maps the option should save. On the CPU (without
   ``TRITON_INTERPRET=1``, far too slow for a whole model) the option falls back to the unfused
   layer, so the two rows agree: a check of the script, not of the saving.
@@ -73,9 +73,9 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from rednet.benchmark import device_name, involution_layers, median_ms, peak_bytes  # noqa: E402
 from rednet.models import list_models  # noqa: E402
 from rednet.ops import available_impls, involution, involution_unfold, output_size  # noqa: E402
+from scripts.benchmark import device_name, involution_layers, median_ms, peak_bytes  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # (B, C, H=W) of the RedNet stages at the benchmark's batch sizes.

@@ -12,13 +12,13 @@ anyone would run. A training step is forward, cross-entropy, backward and an SGD
 inference is a forward under ``torch.inference_mode`` in eval mode. Images/s is the batch size over
 the median step time after warm-up; "warm-up s" is the time of the warm-up steps, compilation and
 autotuning included. Peak memory is the most allocated at any moment during one training step
-beyond the model and optimizer state (see ``rednet.benchmark.peak_bytes``). At 32 px the models
+beyond the model and optimizer state (see ``scripts.benchmark.peak_bytes``). At 32 px the models
 use the CIFAR stem (torchvision's ResNet-50 has none and is left out).
 
 ``--budget-s`` starts no new setup after that many seconds (compilation makes the grid long on a
 GPU lent by the minute); the rows it skips say so. ``--involution-impl unfold`` runs RedNet with
 the reference operator (the official code's math). ``--profile`` prints where the first model's
-training step spends its time in each setup: by kind of work (``rednet.benchmark.categorize``:
+training step spends its time in each setup: by kind of work (``scripts.benchmark.categorize``:
 convolution, BatchNorm, involution, elementwise, ...) and by operator, or on a GPU by kernel.
 """
 
@@ -36,8 +36,8 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's rednet
 
-from rednet.benchmark import CATEGORY_NAMES, categorize, environment, median_ms, peak_bytes  # noqa: E402
 from rednet.models import Involution, create_model, list_models  # noqa: E402
+from scripts.benchmark import CATEGORY_NAMES, categorize, environment, median_ms, peak_bytes  # noqa: E402
 
 REFERENCE = "tv_resnet50"
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}

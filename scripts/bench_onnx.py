@@ -39,11 +39,11 @@ import torchvision
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's rednet
 
-from rednet.benchmark import environment  # noqa: E402
 from rednet.deploy.export import to_onnx  # noqa: E402
 from rednet.deploy.involution import DEFAULT, FORMULATIONS  # noqa: E402
 from rednet.deploy.runtime import INPUT, OUTPUT, require, session  # noqa: E402
 from rednet.models import create_model, list_models  # noqa: E402
+from scripts.benchmark import environment  # noqa: E402
 
 REFERENCE = "tv_resnet50"
 

@@ -35,10 +35,10 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from rednet.benchmark import involution_layers  # noqa: E402
 from rednet.ops import fused_generator as fg  # noqa: E402
 from rednet.ops import output_size  # noqa: E402
 from rednet.ops import triton_kernels as tk  # noqa: E402
+from scripts.benchmark import involution_layers  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 POINTER = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32", torch.float64: "*fp64"}

@@ -6,7 +6,7 @@ bandwidth and FLOP rates. Runs on the CPU in seconds, so GPU timings can be read
     python scripts/roofline.py --bandwidth-gbs 3000 --matrix-tflops 600   # another GPU
 
 Every operator of one SGD step (forward under autocast, cross-entropy, backward, momentum update)
-is counted on fake tensors (``rednet.benchmark.count_step``): the FLOPs of convolutions, matrix
+is counted on fake tensors (``scripts.benchmark.count_step``): the FLOPs of convolutions, matrix
 products and the involution, and the bytes it must move, each input read once and each output
 written once. An operator's floor is the larger of its bytes over the bandwidth and its FLOPs over
 its units' rate (the matrix units for convolutions and products, the vector units for the
@@ -31,8 +31,8 @@ import torchvision
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's rednet
 
-from rednet.benchmark import CATEGORY_NAMES, OpCost, count_step  # noqa: E402
 from rednet.models import create_model, list_models  # noqa: E402
+from scripts.benchmark import CATEGORY_NAMES, OpCost, count_step  # noqa: E402
 
 REFERENCE = "tv_resnet50"
 AMP = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}

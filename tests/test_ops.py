@@ -6,8 +6,8 @@ import re
 import pytest
 import torch
 
-from rednet.benchmark import peak_bytes
 from rednet.ops import available_impls, involution, output_size
+from scripts.benchmark import peak_bytes
 from tests.reference import involution_reference
 
 CPU_IMPLS = available_impls("cpu")
@@ -204,7 +204,7 @@ def test_gradient_of_one_input_only(impl):
 
 
 def _peak_extra_bytes(fn):
-    """Peak bytes allocated by ``fn`` beyond what it returns (rednet.benchmark.peak_bytes)."""
+    """Peak bytes allocated by ``fn`` beyond what it returns (scripts.benchmark.peak_bytes)."""
     peak, result = peak_bytes(fn, torch.device("cpu"))
     return peak - result.numel() * result.element_size()
 

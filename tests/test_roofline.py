@@ -1,4 +1,4 @@
-"""The roofline's counts (rednet.benchmark.count_step) against FLOPs and bytes worked out by hand, and
+"""The roofline's counts (scripts.benchmark.count_step) against FLOPs and bytes worked out by hand, and
 the categories that bench_models.py and roofline.py sort operators and GPU kernels into."""
 
 import importlib.util
@@ -7,9 +7,9 @@ import pytest
 import torch
 from torch import nn
 
-from rednet.benchmark import categorize, count_step
 from rednet.engine.precision import resolve_auto
 from rednet.models import Involution
+from scripts.benchmark import categorize, count_step
 from tests.conftest import ROOT
 
 F32 = 4

@@ -45,6 +45,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from rednet.deploy.fold import drop_unused_initializers
+from rednet.ops.involution import output_size
 
 DOMAIN = "rednet"  # the placeholder's operator domain, gone from the finished file
 OP_TYPE = "Involution"
@@ -98,8 +99,6 @@ class Geometry:
         return -(-(self.stride * (self.tile - 1) + self.kernel_size) // self.tile) * self.tile
 
     def output_size(self, size: int) -> int:
-        from rednet.ops.involution import output_size
-
         return output_size(size, self.kernel_size, self.stride, self.dilation)
 
 

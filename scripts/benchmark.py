@@ -11,6 +11,8 @@ from typing import Callable
 
 import torch
 
+from rednet.models import Involution, create_model
+
 
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
@@ -83,8 +85,6 @@ def involution_layers(model: str = "rednet26", image_size: int = 224) -> list[di
     ``kernel_size``, ``stride``, ``groups`` and ``reduced`` (the kernel generator's hidden
     channels, Cr). Read off the built model with forward hooks, so it is whatever the model is.
     """
-    from rednet.models import Involution, create_model
-
     net = create_model(model, num_classes=10, cifar_stem=image_size <= 64).eval()
     layers = []
 
