@@ -2,6 +2,18 @@
 
     python scripts/bench_data.py                     # every pipeline tried: 1 core and N workers
     python scripts/bench_data.py --settings          # the default pipeline under DataLoader settings
+    python scripts/bench_data.py --train-images 32 --val-images 16 --rounds 1 --workers 2   # a quick check
+
+Options: ``--train-images`` / ``--val-images`` (photographs written into train/ and val/, 4 classes;
+default 384 and 192), ``--workers`` (N, default: the usable cores), ``--rounds`` (timed epochs per
+figure, the median counts; default 3), ``--settings`` (the loader-settings table instead).
+
+The final table (issue 23) comes from the defaults on quiet cores, with ``pip install -e .[fast]``
+(simplejpeg) installed::
+
+    python scripts/bench_data.py --rounds 5
+
+It imports nothing from rednet but ``rednet.data.transforms``, and runs on CPUs only.
 
 The photographs are JPEGs re-encoded from scikit-learn's two real photographs at ImageNet-like sizes
 and qualities 75-95 (``tests/photos.py``), written once into an ImageFolder tree in a temporary
@@ -11,7 +23,9 @@ and (with workers) the crossing of shared memory included.
 
 - **1 core**: in this process, ``num_workers=0``, ``torch.set_num_threads(1)``. The pipelines take
   turns epoch by epoch (one warm-up epoch, then 3 rounds) so that a neighbour's load on a shared
-  machine falls on all of them alike; the median epoch counts.
+  machine falls on all of them alike; the median epoch counts. "CPU time" divides by the process's
+  CPU seconds (``time.process_time``), which other processes on a shared machine barely move;
+  "wall" by elapsed seconds.
 - **N workers**: N = the usable cores, ``persistent_workers=True``, one warm-up epoch, then the
   median of 3 epochs.
 - **× ref**: images/s over the reference's in the same column.
@@ -53,11 +67,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # this checkout's rednet, and tests/photos.py
 
 import rednet.data.transforms as T  # noqa: E402
-from rednet.benchmark import device_name  # noqa: E402
 from tests.photos import write_imagefolder  # noqa: E402
 
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 SIZE, RESIZE = 224, 256
+DEFAULT_DECODER = "simplejpeg" if T.simplejpeg is not None else "PIL (simplejpeg not installed)"
 
 
 # ---- the pipelines: each split's loader takes a path and returns the sample ----
@@ -164,15 +178,28 @@ class PilReducingGap:
         return transforms.functional.pil_to_tensor(out)
 
 
+class PilV2:
+    """PIL decoding, then transforms.v2 on the uint8 tensor (torch's antialiased uint8 resize, on the
+    whole decoded image). v2's sampler makes the reference's draws, so a seed gives the same box and flip."""
+
+    def __init__(self, train: bool) -> None:
+        self.transform = (v2.Compose([v2.RandomResizedCrop(SIZE, antialias=True), v2.RandomHorizontalFlip()]) if train
+                          else v2.Compose([v2.Resize(RESIZE, antialias=True), v2.CenterCrop(SIZE)]))
+
+    def __call__(self, path: str) -> torch.Tensor:
+        return self.transform(transforms.functional.pil_to_tensor(pil_rgb(path))).contiguous()
+
+
 def pipelines() -> dict[str, tuple]:
     """name -> (train loader, val loader); the reference first, the project's default second."""
     return {
         "torchvision reference: PIL, float32 ToTensor + Normalize": (Reference(True), Reference(False)),
-        "**rednet default**: simplejpeg decode, torch uint8 resize": (T.TrainTransform(SIZE),
-                                                                       T.ValTransform(SIZE, RESIZE)),
+        f"**rednet default**: {DEFAULT_DECODER} decode, torch uint8 resize": (T.TrainTransform(SIZE),
+                                                                              T.ValTransform(SIZE, RESIZE)),
         "rednet default without simplejpeg (PIL decode)": (WithoutSimplejpeg(T.TrainTransform(SIZE)),
                                                            WithoutSimplejpeg(T.ValTransform(SIZE, RESIZE))),
         "torchvision.io.decode_image + transforms.v2, uint8": (TorchvisionIO(True), TorchvisionIO(False)),
+        "PIL decode + transforms.v2 on the uint8 tensor": (PilV2(True), PilV2(False)),
         "PIL decode + PIL resize, uint8 (the first version)": (Reference(True, False), Reference(False, False)),
         "PIL draft() (DCT-domain 1/2-1/8 decode) + PIL resize, uint8": (PilDraft(True), PilDraft(False)),
         "PIL decode + PIL resize reducing_gap=2, uint8": (PilReducingGap(True), PilReducingGap(False)),
@@ -211,13 +238,13 @@ def make_loader(root: Path, split: str, loader, workers: int, **settings) -> Dat
                       collate_fn=collate_with_memory, **settings)
 
 
-def epoch(loader: DataLoader) -> tuple[float, dict]:
-    """Seconds for one pass, and each worker's (peak RSS, RSS at start) in KiB."""
+def epoch(loader: DataLoader, clock=time.perf_counter) -> tuple[float, dict]:
+    """Seconds for one pass by ``clock``, and each worker's (peak RSS, RSS at start) in KiB."""
     memory = {}
-    start = time.perf_counter()
+    start = clock()
     for _, (worker, peak, at_start) in loader:
         memory[worker] = (max(peak, memory.get(worker, (0, 0))[0]), at_start)
-    return time.perf_counter() - start, memory
+    return clock() - start, memory
 
 
 def pixel_difference(paths: list[str], loader, reference) -> tuple[float, int]:
@@ -234,20 +261,34 @@ def pixel_difference(paths: list[str], loader, reference) -> tuple[float, int]:
     return total / len(paths), worst
 
 
+def cpu_name() -> str:
+    """The CPU's model name (/proc/cpuinfo on Linux, else what platform knows)."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def usable_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def machine() -> str:
-    with open("/proc/cpuinfo") as cpuinfo:
-        model = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), "?")
     simplejpeg = T.simplejpeg.__version__ if T.simplejpeg is not None else "not installed"
-    return (f"machine: {model}, {len(os.sched_getaffinity(0))} usable cores ({device_name(torch.device('cpu'))}); "
-            f"Python {platform.python_version()}, torch {torch.__version__}, torchvision {torchvision.__version__}, "
-            f"Pillow {PIL.__version__} (libjpeg-turbo {features.version('libjpeg_turbo')}), simplejpeg {simplejpeg}, "
-            f"numpy {np.__version__}")
+    return (f"machine: {cpu_name()}, {usable_cores()} usable cores; Python {platform.python_version()}, "
+            f"torch {torch.__version__}, torchvision {torchvision.__version__}, Pillow {PIL.__version__} "
+            f"(libjpeg-turbo {features.version('libjpeg_turbo')}), simplejpeg {simplejpeg}, numpy {np.__version__}")
 
 
 def bench_pipelines(root: Path, workers: int, rounds: int) -> None:
     table = pipelines()
     names = list(table)
     one_core: dict[tuple[str, str], list[float]] = {}
+    one_core_cpu: dict[tuple[str, str], list[float]] = {}
     count = {split: len(datasets.ImageFolder(str(root / split)).samples) for split in ("train", "val")}
     torch.set_num_threads(1)
     for split_index, split in enumerate(("train", "val")):
@@ -257,6 +298,7 @@ def bench_pipelines(root: Path, workers: int, rounds: int) -> None:
         for _ in range(rounds):
             for name in names:
                 one_core.setdefault((name, split), []).append(epoch(loaders[name])[0])
+                one_core_cpu.setdefault((name, split), []).append(epoch(loaders[name], time.process_time)[0])
     many: dict[tuple[str, str], tuple[float, dict]] = {}
     for split_index, split in enumerate(("train", "val")):
         for name in names:
@@ -277,25 +319,28 @@ def bench_pipelines(root: Path, workers: int, rounds: int) -> None:
     print(machine())
     print(f"{count['train']} train and {count['val']} val photographs (tests/photos.py); batch 32; median of "
           f"{rounds}; N = {workers} workers. Shared machine: other sessions' load makes these figures noisy.\n")
-    print("| loader | pipeline | img/s, 1 core | × ref | img/s, N workers | × ref | worker peak RSS, MiB "
-          "(+ after start) | mean / max \\|Δ\\| vs ref |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    print("| loader | pipeline | img/s, 1 core (CPU time) | × ref | img/s, 1 core (wall) | × ref | img/s, N workers "
+          "| × ref | worker peak RSS, MiB (+ after start) | mean / max \\|Δ\\| vs ref |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for split_index, split in enumerate(("train", "val")):
+        ref_cpu = count[split] / statistics.median(one_core_cpu[names[0], split])
         ref_one = count[split] / statistics.median(one_core[names[0], split])
         ref_many = count[split] / many[names[0], split][0]
         for name in names:
+            rate_cpu = count[split] / statistics.median(one_core_cpu[name, split])
             rate_one = count[split] / statistics.median(one_core[name, split])
             seconds, memory = many[name, split]
             rate_many = count[split] / seconds
             peak = max(memory.values())
             mean, worst = pixel_difference(paths[split], table[name][split_index], reference[split])
-            print(f"| {split} | {name} | {rate_one:.0f} | {rate_one / ref_one:.2f} | {rate_many:.0f} | "
+            print(f"| {split} | {name} | {rate_cpu:.0f} | {rate_cpu / ref_cpu:.2f} | {rate_one:.0f} | "
+                  f"{rate_one / ref_one:.2f} | {rate_many:.0f} | "
                   f"{rate_many / ref_many:.2f} | {peak[0] / 1024:.0f} (+{(peak[0] - peak[1]) / 1024:.0f}) | "
                   f"{mean:.3f} / {worst} |")
 
 
 def bench_settings(root: Path, workers: int, rounds: int) -> None:
-    cores = len(os.sched_getaffinity(0))
+    cores = usable_cores()
     grid = [{"num_workers": 0}]
     grid += [{"num_workers": n, "persistent_workers": True, "prefetch_factor": 2} for n in range(1, cores + 2)]
     grid += [{"num_workers": workers, "persistent_workers": False, "prefetch_factor": 2},
@@ -325,7 +370,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--train-images", type=int, default=384, help="photographs in train/ (4 classes)")
     parser.add_argument("--val-images", type=int, default=192, help="photographs in val/ (4 classes)")
-    parser.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)), help="N (default: usable cores)")
+    parser.add_argument("--workers", type=int, default=usable_cores(), help="N (default: usable cores)")
     parser.add_argument("--rounds", type=int, default=3, help="epochs timed per figure; the median counts")
     parser.add_argument("--settings", action="store_true", help="the loader-settings table instead")
     args = parser.parse_args()
