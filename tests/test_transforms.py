@@ -110,6 +110,17 @@ def test_flip_half_the_time():
 
 # ---- pixels against torchvision's PIL pipeline ----
 
+def test_simplejpeg_decodes_as_pil_to_the_bit(photos, formats):
+    """The fast decoder is only a faster way to the reference's pixels: the same libjpeg-turbo IDCT
+    and chroma upsampling as PIL's, colour and greyscale JPEGs, every photograph bit for bit."""
+    if T.simplejpeg is None:
+        pytest.skip("simplejpeg is not installed")
+    for path in photos + [str(formats["grey.jpg"])]:
+        decoder = T._Decoder(path, "RGB")
+        assert decoder.image is None, path  # the fast path was taken
+        assert torch.equal(decoder.pixels(), transforms.functional.pil_to_tensor(Image.open(path).convert("RGB")))
+
+
 def test_train_matches_torchvision_with_the_same_seed(photos, decoder):
     """With the same seed, the reference's box and flip, so the same pixels up to rounding.
 
