@@ -356,11 +356,12 @@ def bench_settings(root: Path, workers: int, rounds: int) -> None:
     print("|---:|---|---:|---:|---:|---:|")
     for settings in grid:
         n = settings["num_workers"]
-        loader = DataLoader(datasets.ImageFolder(str(root / "train"), loader=T.TrainTransform(SIZE)), batch_size=32,
-                            collate_fn=collate_with_memory, **settings)
         with warnings.catch_warnings():
-            # One more worker than cores is on the grid on purpose; torch warns about it at each start.
+            # One more worker than cores is on the grid on purpose; torch warns about it when the
+            # loader is made and at each start.
             warnings.filterwarnings("ignore", message="This DataLoader will create")
+            loader = DataLoader(datasets.ImageFolder(str(root / "train"), loader=T.TrainTransform(SIZE)),
+                                batch_size=32, collate_fn=collate_with_memory, **settings)
             times = [epoch(loader)[0] for _ in range(rounds)]
         print(f"| {n} | {settings.get('persistent_workers', '-')} | {settings.get('prefetch_factor', '-')} | "
               f"{times[0]:.2f} | {count / statistics.median(times):.0f} | {count * rounds / sum(times):.0f} |")
