@@ -98,7 +98,7 @@ class DataConfig:
     pin_memory: bool = True
     persistent_workers: bool = True
     image_size: int = 32  # training crop (and the validation crop of imagenet)
-    val_resize: int = 256  # imagenet: shorter side before the validation centre crop
+    val_resize: Optional[int] = None  # shorter side before the validation centre crop; null: image_size
     mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
     std: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
     in_chans: int = 3

@@ -245,6 +245,16 @@ def test_bytes_source_equals_path_source(photos, formats, decoder):
         assert torch.equal(from_bytes, T.TrainTransform(SIZE)(path))
 
 
+def test_an_open_image_equals_its_file(photos, formats):
+    # predict.py and the Python API take PIL images too: the same pixels as the file they came from.
+    from PIL import Image
+
+    for path, mode in [(photos[0], "RGB"), (str(formats["rgb.png"]), "RGB"), (str(formats["cmyk.jpg"]), "RGB"),
+                       (photos[1], "L")]:
+        with Image.open(path) as image:
+            assert torch.equal(T.ValTransform(SIZE, RESIZE, mode)(image), T.ValTransform(SIZE, RESIZE, mode)(path))
+
+
 @pytest.mark.parametrize("cut", [0.5, 0.98])
 def test_truncated_jpeg_raises_an_image_error(photos, decoder, cut, monkeypatch):
     """Even where someone has let PIL fill a truncated image with grey: the label would not apply."""

@@ -143,14 +143,14 @@ def build_imagefolder(cfg: DictConfig) -> DataModule:
         raise DataError(f"data.in_chans={cfg.in_chans} is not supported for image folders; set 3 (RGB) or 1 (grey)")
     if cfg.bad_images not in ("error", "skip"):
         raise DataError(f"data.bad_images={cfg.bad_images} is not valid; choose one of: error, skip")
-    if cfg.val_resize < cfg.image_size:
+    if cfg.val_resize is not None and cfg.val_resize < cfg.image_size:
         raise DataError(f"data.val_resize={cfg.val_resize} is smaller than data.image_size={cfg.image_size}, so the "
                         f"validation crop would be padded; set data.val_resize >= data.image_size")
     size = cfg.image_size
     norm = normalize(cfg, cfg.in_chans, f"the image folder {root} (data.in_chans={cfg.in_chans})")
     train_tf = transforms.Compose([transforms.RandomResizedCrop(size), transforms.RandomHorizontalFlip(),
                                    transforms.ToTensor(), norm])
-    val_tf = transforms.Compose([transforms.Resize(cfg.val_resize), transforms.CenterCrop(size),
+    val_tf = transforms.Compose([transforms.Resize(cfg.val_resize or size), transforms.CenterCrop(size),
                                  transforms.ToTensor(), norm])
     mode = MODES[cfg.in_chans]
     return DataModule(

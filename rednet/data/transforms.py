@@ -41,7 +41,7 @@ try:  # optional: the fast JPEG decoder (pip install simplejpeg); without it, PI
 except ImportError:  # pragma: no cover - exercised by monkeypatching in tests/test_transforms.py
     simplejpeg = None
 
-Source = Union[str, os.PathLike, bytes]
+Source = Union[str, os.PathLike, bytes, Image.Image]  # a file, its bytes, or an image already open
 
 # What PIL (and simplejpeg, ValueError) raise on a file that is not a whole, decodable image
 # (UnidentifiedImageError and "image file is truncated" are OSErrors; some broken headers raise
@@ -107,7 +107,13 @@ class _Decoder:
     """One encoded image: its size from the header first (checked against bombs), then its pixels."""
 
     def __init__(self, source: Source, mode: str) -> None:
-        self.data, self.mode, self.image = _read(source), mode, None
+        self.mode, self.image = mode, None
+        if isinstance(source, Image.Image):
+            self.data, self.image = b"", source
+            self.height, self.width = source.height, source.width
+            _check_pixels(self.width, self.height)
+            return
+        self.data = _read(source)
         space = None
         if simplejpeg is not None and mode == "RGB" and self.data.startswith(JPEG_MAGIC):
             try:
@@ -153,6 +159,13 @@ class TrainTransform:
         if torch.rand(1) < 0.5:
             out = out.flip(-1)
         return out.contiguous()
+
+
+def eval_transform(cfg) -> ValTransform:
+    """What one image goes through to be evaluated by a model trained on data ``cfg`` (a ``data``
+    config node): the ImageFolder validation transform, which eval.py, predict.py and visualize.py
+    share. Images of the training size (CIFAR's 32 px) pass through unchanged."""
+    return ValTransform(cfg.image_size, cfg.val_resize or cfg.image_size, MODES[cfg.in_chans])
 
 
 class ValTransform:
