@@ -41,7 +41,7 @@ def _file_samples(cfg, in_chans: int) -> list[Sample]:
     samples = []
     for path in files[:cfg.num_images]:
         name = path.stem if path == root else "_".join(path.relative_to(root).with_suffix("").parts)
-        image = load_image(path, in_chans, cfg.data.image_size, cfg.data.mean, cfg.data.std)
+        image = load_image(path, in_chans, cfg.data.image_size)
         samples.append(Sample(name, image))
     return samples
 

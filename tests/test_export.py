@@ -231,11 +231,13 @@ def test_eval_through_onnxruntime_equals_eval_through_pytorch(digits_dir, tmp_pa
     is tested below), on the same two batches of 32 of the 360 test images."""
     from rednet.data import build_datamodule
     from rednet.engine.evaluate import evaluate, evaluate_trained
+    from rednet.engine.feed import DeviceFeed
     from rednet.models import load_weights
 
     data = build_datamodule(compose_config(["data=digits"]).data)
     model = load_weights(create_model("rednet18", num_classes=10, in_chans=1, cifar_stem=True), digits_dir / "best.pt")
-    expected = evaluate(model, data.val_loader(32), torch.device("cpu"), None, data.class_names, limit_batches=2)
+    batches = DeviceFeed(data.val_loader(32), "cpu", data.mean, data.std)
+    expected = evaluate(model, batches, torch.device("cpu"), None, data.class_names, limit_batches=2)
     assert int((expected.confusion.matrix.sum(0) > 0).sum()) > 1  # it does not predict one class only
 
     overrides = [f"ckpt={digits_dir}/model.onnx", "data.batch_size=32", "trainer.progress=none",

@@ -11,6 +11,7 @@ from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from rednet.engine.evaluate import evaluate, write_misclassified
+from rednet.engine.feed import DeviceFeed
 from rednet.engine.trainer import Trainer
 from rednet.errors import UserError
 from rednet.models import create_model
@@ -208,20 +209,22 @@ def test_misclassified_are_the_most_confident_mistakes(tmp_path, digits):
     data = digits
     # two batches: the running top-5 is merged
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(data.val_set, range(32)), batch_size=16)
-    result = evaluate(model, loader, torch.device("cpu"), None, list(data.class_names), keep_mistakes=5)
+    batches = DeviceFeed(loader, "cpu", data.mean, data.std)
+    result = evaluate(model, batches, torch.device("cpu"), None, list(data.class_names), keep_mistakes=5)
     # Independently: every image's prediction, the wrong ones ranked by the softmax of the prediction.
-    images = torch.stack([data.val_set[i][0] for i in range(32)])
+    mean, std = torch.tensor(data.mean).view(1, -1, 1, 1), torch.tensor(data.std).view(1, -1, 1, 1)
+    images = (torch.stack([data.val_set[i][0] for i in range(32)]).double() / 255 - mean) / std
     targets = torch.tensor([data.val_set[i][1] for i in range(32)])
     with torch.no_grad():
-        probs = model(images).softmax(1)
+        probs = model(images.float()).softmax(1)
     ranked = sorted(((float(probs[i].max()), i) for i in range(32) if int(probs[i].argmax()) != int(targets[i])),
                     reverse=True)[:5]
     assert len(ranked) == 5
-    assert [m.confidence for m in result.mistakes] == pytest.approx([c for c, _ in ranked], abs=1e-6)
+    assert [m.confidence for m in result.mistakes] == pytest.approx([c for c, _ in ranked], abs=1e-5)
     assert [(m.target, m.pred) for m in result.mistakes] == [(int(targets[i]), int(probs[i].argmax()))
                                                               for _, i in ranked]
     for m, (_, i) in zip(result.mistakes, ranked):
-        assert torch.equal(m.image, images[i])
+        torch.testing.assert_close(m.image.double(), images[i], rtol=0, atol=1e-6)
     path = write_misclassified(result, list(data.class_names), compose_config(TINY).data, tmp_path)
     width, height = png_size(path)
     assert width > 5 * 150 and height > 200  # five images in one row, titled
@@ -235,7 +238,8 @@ def test_no_mistakes_gives_a_note(tmp_path, capsys, digits):
     data = digits
     zeros = [i for i in range(len(data.val_set)) if data.val_set[i][1] == 0][:6]
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(data.val_set, zeros), batch_size=4)  # two batches
-    result = evaluate(model, loader, torch.device("cpu"), None, list(data.class_names), keep_mistakes=16)
+    batches = DeviceFeed(loader, "cpu", data.mean, data.std)
+    result = evaluate(model, batches, torch.device("cpu"), None, list(data.class_names), keep_mistakes=16)
     assert result.acc1 == 1.0 and result.mistakes == []
     from torch.utils.tensorboard import SummaryWriter
 

@@ -13,7 +13,7 @@ from torchvision import datasets, transforms
 from torchvision.datasets.utils import check_integrity, download_and_extract_archive
 
 from rednet.data import safe_pickle
-from rednet.data.datamodule import DataModule, check_fixed, loader_kwargs, normalize, one_line, register_dataset
+from rednet.data.datamodule import DataModule, check_fixed, loader_kwargs, normalization, one_line, register_dataset
 from rednet.errors import DataError
 
 # Per blocking socket operation, not for the whole download: a dead network fails instead of hanging.
@@ -170,12 +170,12 @@ def build_cifar(cfg: DictConfig) -> DataModule:
     class_names = read_class_names(cls, root)
     check_fixed(cfg, "in_chans", 3, cls.title)
     check_fixed(cfg, "image_size", 32, cls.title)
-    norm = normalize(cfg, 3, cls.title)
+    norm = normalization(cfg, 3, cls.title)
     train_tf = transforms.Compose([transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip(),
-                                   transforms.ToTensor(), norm])
-    val_tf = transforms.Compose([transforms.ToTensor(), norm])
+                                   transforms.PILToTensor()])
+    val_tf = transforms.PILToTensor()
     return DataModule(
-        name=cfg.name, class_names=class_names, in_chans=3, image_size=32,
+        name=cfg.name, class_names=class_names, in_chans=3, image_size=32, **norm,
         make_train_set=partial(_load, cls, root, True, train_tf, class_names),
         make_val_set=partial(_load, cls, root, False, val_tf, class_names),
         **loader_kwargs(cfg),

@@ -12,7 +12,6 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Dataset, Sampler
-from torchvision import transforms
 
 from rednet.data.samplers import ResumableDistributedSampler, ShardSampler
 from rednet.errors import DataError
@@ -23,6 +22,10 @@ _BUILDERS: dict[str, Callable[[DictConfig], DataModule]] = {}
 
 class DataModule:
     """A training and a validation set, what the model needs to know about them, and their loaders.
+
+    Both sets yield uint8 images, and the loaders collate uint8 batches: a quarter of float32's
+    bytes through the workers' shared memory and to the GPU. ``mean`` and ``std`` (per channel, on
+    the 0-1 scale) are what :mod:`rednet.engine.feed` normalises them with, on the device.
 
     The sets are built on first access. Building a DataModule reads only what names the classes
     (a meta file, folder names), so evaluating never lists the training images of a large
@@ -36,6 +39,8 @@ class DataModule:
         class_names: Sequence[str],
         in_chans: int,
         image_size: int,
+        mean: Sequence[float],
+        std: Sequence[float],
         make_train_set: Callable[[], Dataset],
         make_val_set: Callable[[], Dataset],
         num_workers: int = 0,
@@ -47,6 +52,7 @@ class DataModule:
         self.class_names = list(class_names)
         self.in_chans = in_chans
         self.image_size = image_size
+        self.mean, self.std = list(mean), list(std)
         self._make_train_set = make_train_set
         self._make_val_set = make_val_set
         self.num_workers = num_workers
@@ -147,11 +153,10 @@ def loader_kwargs(cfg: DictConfig) -> dict[str, Any]:
             "persistent_workers": cfg.persistent_workers}
 
 
-def normalize(cfg: DictConfig, in_chans: int, what: str) -> transforms.Normalize:
-    """``Normalize(cfg.mean, cfg.std)``, after checking there is one value per channel.
-
-    A 3-value mean on 1-channel images would broadcast to 3 channels without any error.
-    """
+def normalization(cfg: DictConfig, in_chans: int, what: str) -> dict[str, list[float]]:
+    """``mean`` and ``std`` from the data config, for :class:`DataModule`, after checking there is
+    one value per channel: a 3-value mean on 1-channel images would broadcast to 3 channels
+    without any error."""
     mean, std = [float(v) for v in cfg.mean], [float(v) for v in cfg.std]
     if len(mean) != in_chans or len(std) != in_chans:
         raise DataError(
@@ -159,7 +164,7 @@ def normalize(cfg: DictConfig, in_chans: int, what: str) -> transforms.Normalize
             f"channel(s); give data.mean and data.std {in_chans} value(s) each")
     if min(std) <= 0:
         raise DataError(f"data.std={std} must be positive")
-    return transforms.Normalize(mean, std)
+    return {"mean": mean, "std": std}
 
 
 def check_fixed(cfg: DictConfig, key: str, actual: int, what: str) -> None:

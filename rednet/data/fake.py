@@ -7,7 +7,7 @@ from functools import partial
 from omegaconf import DictConfig
 from torchvision import datasets, transforms
 
-from rednet.data.datamodule import DataModule, loader_kwargs, normalize, register_dataset
+from rednet.data.datamodule import DataModule, loader_kwargs, normalization, register_dataset
 from rednet.errors import DataError
 
 
@@ -20,12 +20,12 @@ def build_fake(cfg: DictConfig) -> DataModule:
     if cfg.train_size < 1 or cfg.val_size < 1:
         raise DataError(f"data.train_size={cfg.train_size} and data.val_size={cfg.val_size} must be positive")
     shape = (cfg.in_chans, cfg.image_size, cfg.image_size)
-    tf = transforms.Compose([transforms.ToTensor(), normalize(cfg, cfg.in_chans, f"data.in_chans={cfg.in_chans}")])
+    norm = normalization(cfg, cfg.in_chans, f"data.in_chans={cfg.in_chans}")
     # FakeData seeds image i with i + random_offset: this offset keeps every val image out of train.
-    fake = partial(datasets.FakeData, image_size=shape, num_classes=cfg.num_classes, transform=tf)
+    fake = partial(datasets.FakeData, image_size=shape, num_classes=cfg.num_classes, transform=transforms.PILToTensor())
     return DataModule(
         name="fake", class_names=[f"class_{i}" for i in range(cfg.num_classes)], in_chans=cfg.in_chans,
-        image_size=cfg.image_size,
+        image_size=cfg.image_size, **norm,
         make_train_set=partial(fake, size=cfg.train_size, random_offset=0),
         make_val_set=partial(fake, size=cfg.val_size, random_offset=cfg.train_size),
         **loader_kwargs(cfg),

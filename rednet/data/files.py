@@ -29,19 +29,17 @@ def image_files(path: str | Path) -> list[Path]:
     return found
 
 
-def load_image(path: Path, in_chans: int, image_size: int, mean, std) -> torch.Tensor:
-    """An image file as the model's input: grey or RGB as ``in_chans`` says, its shorter side resized
-    to ``image_size`` (the aspect ratio kept, so nothing is cropped away), normalised with ``mean``
-    and ``std``. A file that is not a readable image is a DataError naming it."""
+def load_image(path: Path, in_chans: int, image_size: int) -> torch.Tensor:
+    """An image file as uint8 (C, H, W): grey or RGB as ``in_chans`` says, its shorter side resized
+    to ``image_size`` (the aspect ratio kept, so nothing is cropped away). A file that is not a
+    readable image is a DataError naming it."""
     if in_chans not in MODES:
-        raise DataError(f"images=: the model takes {in_chans}-channel input and only grey (1) or RGB (3) image "
-                        f"files can be read for it")
+        raise DataError(f"the model takes {in_chans}-channel input and only grey (1) or RGB (3) image files can be "
+                        f"read for it")
     try:
         image = open_image(str(path), MODES[in_chans])
     except IMAGE_ERRORS as e:
         reason = " ".join(str(e).split())
-        raise DataError(f"images=: {path} is not a readable image ({type(e).__name__}: {reason}); give image "
-                        f"files ({', '.join(IMG_EXTENSIONS)})") from None
-    to_input = transforms.Compose([transforms.Resize(image_size), transforms.ToTensor(),
-                                   transforms.Normalize(list(mean), list(std))])
-    return to_input(image)
+        raise DataError(f"{path} is not a readable image ({type(e).__name__}: {reason}); give image files "
+                        f"({', '.join(IMG_EXTENSIONS)})") from None
+    return transforms.functional.pil_to_tensor(transforms.Resize(image_size)(image))

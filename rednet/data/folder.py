@@ -11,11 +11,11 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 from torch.utils.data import default_collate
-from torchvision import datasets, transforms
+from torchvision import datasets
 from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
 
-from rednet.data.datamodule import DataModule, loader_kwargs, normalize, one_line, register_dataset
-from rednet.data.transforms import IMAGE_ERRORS, MODES, open_image
+from rednet.data.datamodule import DataModule, loader_kwargs, normalization, one_line, register_dataset
+from rednet.data.transforms import IMAGE_ERRORS, MODES, TrainTransform, eval_transform, open_image
 from rednet.errors import DataError
 
 MAX_LISTED = 5
@@ -50,7 +50,9 @@ class ImageFolder(datasets.ImageFolder):
     def __getitem__(self, index: int) -> tuple[Any, int] | None:
         path, target = self.samples[index]
         try:
-            image = self.loader(path)
+            # The transforms decode the file themselves (TrainTransform reads the header first
+            # and crops before it resizes); without one, PIL opens it.
+            image = self.transform(path) if self.transform is not None else self.loader(path)
         except IMAGE_ERRORS as exc:
             if self.bad_images != "skip":
                 raise DataError(f"unreadable image {path} ({type(exc).__name__}: {one_line(exc)}); delete or "
@@ -58,8 +60,6 @@ class ImageFolder(datasets.ImageFolder):
             warnings.warn(f"skipping unreadable image {path} ({type(exc).__name__}: {one_line(exc)})",
                           stacklevel=2)
             return None
-        if self.transform is not None:
-            image = self.transform(image)
         return image, target
 
 
@@ -73,7 +73,7 @@ class SkipNone:
         kept = [sample for sample in batch if sample is not None]
         if kept:
             return default_collate(kept)
-        return torch.empty(self.empty_shape), torch.empty(0, dtype=torch.long)
+        return torch.empty(self.empty_shape, dtype=torch.uint8), torch.empty(0, dtype=torch.long)
 
 
 def list_images(folder: str) -> list[str]:
@@ -147,14 +147,13 @@ def build_imagefolder(cfg: DictConfig) -> DataModule:
         raise DataError(f"data.val_resize={cfg.val_resize} is smaller than data.image_size={cfg.image_size}, so the "
                         f"validation crop would be padded; set data.val_resize >= data.image_size")
     size = cfg.image_size
-    norm = normalize(cfg, cfg.in_chans, f"the image folder {root} (data.in_chans={cfg.in_chans})")
-    train_tf = transforms.Compose([transforms.RandomResizedCrop(size), transforms.RandomHorizontalFlip(),
-                                   transforms.ToTensor(), norm])
-    val_tf = transforms.Compose([transforms.Resize(cfg.val_resize or size), transforms.CenterCrop(size),
-                                 transforms.ToTensor(), norm])
+    norm = normalization(cfg, cfg.in_chans, f"the image folder {root} (data.in_chans={cfg.in_chans})")
     mode = MODES[cfg.in_chans]
+    # torchvision's RandomResizedCrop + flip and Resize + CenterCrop, on uint8 and faster
+    # (rednet/data/transforms.py; docs/benchmarks.md, "Input pipeline").
+    train_tf, val_tf = TrainTransform(size, mode), eval_transform(cfg)
     return DataModule(
-        name=cfg.name, class_names=classes, in_chans=cfg.in_chans, image_size=size,
+        name=cfg.name, class_names=classes, in_chans=cfg.in_chans, image_size=size, **norm,
         make_train_set=partial(_load, dirs["train"], classes, mode, cfg.bad_images, train_tf),
         make_val_set=partial(_load, dirs["val"], classes, mode, cfg.bad_images, val_tf),
         collate_fn=SkipNone(cfg.in_chans, size) if cfg.bad_images == "skip" else None,

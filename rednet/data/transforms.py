@@ -29,12 +29,15 @@ from __future__ import annotations
 
 import io
 import os
+from collections.abc import Sequence
 from typing import Union
 
 import torch
 from PIL import Image, ImageFile
 from torchvision import transforms
 from torchvision.transforms.v2 import functional as F
+
+from rednet.errors import DataError
 
 try:  # optional: the fast JPEG decoder (pip install simplejpeg); without it, PIL decodes JPEGs too
     import simplejpeg
@@ -181,3 +184,21 @@ class ValTransform:
         top, left = int(round((height - self.size) / 2.0)), int(round((width - self.size) / 2.0))
         out = F.resize(decoder.pixels(), [height, width], antialias=True)
         return out[:, top:top + self.size, left:left + self.size].contiguous()
+
+
+def normalize(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """uint8 images as float32 ``(images / 255 - mean) / std``, ``mean`` and ``std`` shaped to
+    broadcast over the channels. ToTensor's division, then Normalize's subtraction and division:
+    the reference's float32 values to the bit, not just to a rounding error."""
+    return images.to(torch.float32).div_(255).sub_(mean).div_(std)
+
+
+def normalize_batch(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """uint8 images (batch, channels, height, width), or one image (channels, height, width),
+    normalised on the images' device as :class:`rednet.engine.feed.DeviceFeed` normalises a loader's."""
+    if images.dtype != torch.uint8 or images.ndim not in (3, 4) or images.shape[-3] != len(mean):
+        raise DataError(f"normalize_batch takes uint8 images of {len(mean)} channel(s), (batch,) channels, height, "
+                        f"width; got {str(images.dtype).removeprefix('torch.')} of shape {tuple(images.shape)}")
+    shape = (len(mean), 1, 1)
+    return normalize(images, torch.tensor(list(mean), dtype=torch.float32, device=images.device).view(shape),
+                     torch.tensor(list(std), dtype=torch.float32, device=images.device).view(shape))

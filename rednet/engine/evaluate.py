@@ -17,6 +17,7 @@ from rednet.data import build_datamodule
 from rednet.engine import distributed
 from rednet.engine.context import setup_run
 from rednet.engine.distributed import DistInfo, all_gather_object, all_reduce_sum
+from rednet.engine.feed import DeviceFeed
 from rednet.engine.precision import autocast
 from rednet.engine.trained import Trained
 from rednet.errors import ConfigError
@@ -63,11 +64,12 @@ class EvalResult:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader, device: torch.device, dtype: torch.dtype | None, class_names: list[str],
-             dist: DistInfo = DistInfo(), channels_last: bool = False, limit_batches: int | None = None,
+def evaluate(model: nn.Module, batches: DeviceFeed, device: torch.device, dtype: torch.dtype | None,
+             class_names: list[str], dist: DistInfo = DistInfo(), limit_batches: int | None = None,
              progress: bool = False, desc: str = "val", keep_mistakes: int = 0) -> EvalResult:
-    """Loss (plain cross-entropy), top-1, top-5 and the confusion matrix over ``loader``; with
-    ``keep_mistakes=N``, also the N most confident mistakes.
+    """Loss (plain cross-entropy), top-1, top-5 and the confusion matrix over ``batches`` (a
+    validation loader's, on ``device`` and normalised); with ``keep_mistakes=N``, also the N most
+    confident mistakes.
 
     Under DDP every rank sees a disjoint shard and the counts are summed, so the result equals a
     single-process pass over the same data; the mistakes are gathered from every rank.
@@ -76,13 +78,9 @@ def evaluate(model: nn.Module, loader, device: torch.device, dtype: torch.dtype 
     confusion = ConfusionMatrix(len(class_names), class_names)
     sums = torch.zeros(3, dtype=torch.float64)  # loss sum, top-5 hits, samples
     mistakes: list[Mistake] = []
-    for i, (images, target) in enumerate(tqdm(loader, desc=desc, disable=not progress, leave=False)):
+    for i, (images, target) in enumerate(tqdm(batches, desc=desc, disable=not progress, leave=False)):
         if limit_batches is not None and i >= limit_batches:
             break
-        images = images.to(device, non_blocking=True)
-        if channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        target = target.to(device, non_blocking=True)
         with autocast(device, dtype):
             logits = model(images)
         logits = logits.float()
@@ -149,8 +147,9 @@ def evaluate_trained(cfg: DictConfig, trained: Trained, run_dir: str | Path) -> 
     model.to(ctx.device)
     if ctx.channels_last:
         model.to(memory_format=torch.channels_last)
-    loader = data.val_loader(ctx.batch_per_rank, ctx.dist.rank, ctx.dist.world_size)
-    result = evaluate(model, loader, ctx.device, ctx.dtype, list(data.class_names), ctx.dist, ctx.channels_last,
+    batches = DeviceFeed(data.val_loader(ctx.batch_per_rank, ctx.dist.rank, ctx.dist.world_size), ctx.device,
+                         data.mean, data.std, channels_last=ctx.channels_last, name=f"data={cfg.data.name}")
+    result = evaluate(model, batches, ctx.device, ctx.dtype, list(data.class_names), ctx.dist,
                       cfg.trainer.limit_val_batches, progress=False, desc="eval", keep_mistakes=MISCLASSIFIED_SHOWN)
     if ctx.dist.is_main:
         info = {"checkpoint": str(trained.path), "model": cfg.model.name, "data": cfg.data.name}

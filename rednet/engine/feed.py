@@ -7,8 +7,8 @@ torchvision's ``ToTensor`` + ``Normalize`` would have on the CPU (the same opera
 order, so the same float32 values). On CUDA the copy runs on a side stream from the loader's pinned
 memory, and while the model works on one batch the next one is already on its way (NVIDIA's apex
 ImageNet example's ``data_prefetcher``). On the CPU the same code runs in-process, one batch at a
-time. :func:`normalize_batch` is the same arithmetic for images that do not come from a loader
-(predict, visualize).
+time. :func:`rednet.data.transforms.normalize_batch` is the same arithmetic for images that do not
+come from a loader (predict, visualize).
 """
 
 from __future__ import annotations
@@ -19,10 +19,11 @@ from typing import Any
 
 import torch
 
+from rednet.data.transforms import normalize
 from rednet.errors import DataError
 
 
-def _check(images: torch.Tensor, channels: int, what: str) -> None:
+def check_batch(images: torch.Tensor, channels: int, what: str) -> None:
     if images.dtype != torch.uint8 and images.numel():
         raise DataError(f"{what} yields {str(images.dtype).removeprefix('torch.')} images, but batches must be uint8 "
                         f"(0-255), normalised on the device; end its transforms with PILToTensor (or rednet's "
@@ -31,23 +32,6 @@ def _check(images: torch.Tensor, channels: int, what: str) -> None:
         raise DataError(f"{what} yields images of shape {tuple(images.shape)}, but the normalisation has {channels} "
                         f"channel(s) (data.mean and data.std); give it (batch, {channels}, height, width) batches "
                         f"or {channels} values in data.mean and data.std")
-
-
-def _normalize(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    # ToTensor's division, then Normalize's subtraction and division: the reference's float32
-    # values to the bit, not just to a rounding error.
-    return images.to(torch.float32).div_(255).sub_(mean).div_(std)
-
-
-def normalize_batch(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """uint8 images (batch, channels, height, width), or one image (channels, height, width), as
-    float32 ``(images / 255 - mean) / std`` per channel, on the images' device."""
-    batch = images if images.ndim == 4 else images.unsqueeze(0)
-    _check(batch, len(mean), "normalize_batch")
-    shape = (len(mean), 1, 1)
-    out = _normalize(batch, torch.tensor(mean, dtype=torch.float32, device=images.device).view(shape),
-                     torch.tensor(std, dtype=torch.float32, device=images.device).view(shape))
-    return out if images.ndim == 4 else out[0]
 
 
 class DeviceFeed:
@@ -78,11 +62,11 @@ class DeviceFeed:
 
     def prepare(self, images: torch.Tensor, target: Any) -> tuple[torch.Tensor, Any]:
         """One batch to the device, normalised (on the current stream)."""
-        _check(images, self.mean.shape[1], self.name)
+        check_batch(images, self.mean.shape[1], self.name)
         images = images.to(self.device, non_blocking=True)
         if self.channels_last:  # on uint8, a quarter of the bytes to move
             images = images.contiguous(memory_format=torch.channels_last)
-        images = _normalize(images, self.mean, self.std)
+        images = normalize(images, self.mean, self.std)
         if self.dtype is not None:
             images = images.to(self.dtype)
         if isinstance(target, torch.Tensor):

@@ -31,6 +31,7 @@ from rednet.engine.checkpointing import Checkpoints, Interrupted, set_rng_state
 from rednet.engine.context import setup_run
 from rednet.engine.ema import ModelEma
 from rednet.engine.evaluate import EvalResult, evaluate
+from rednet.engine.feed import DeviceFeed
 from rednet.engine.optim import build_optimizer, build_scheduler
 from rednet.engine.precision import autocast, make_scaler
 from rednet.errors import CheckpointError, ConfigError, UserError
@@ -67,8 +68,6 @@ class Trainer(Checkpoints):
         self.device, self.dist, self.run_dir = ctx.device, ctx.dist, ctx.run_dir
         self.batch_per_rank, self.dtype = ctx.batch_per_rank, ctx.dtype
         self.channels_last, self.compile = ctx.channels_last, ctx.compile
-        if self.dist.enabled and (warning := distributed.shared_store_warning()):
-            self.log(warning)
         seed_everything(t.seed + self.dist.rank, t.deterministic)
 
         self.log(f"run folder {self.run_dir}; building data={cfg.data.name}")
@@ -77,6 +76,10 @@ class Trainer(Checkpoints):
         self.class_names = list(self.data.class_names)
         self.train_loader = self.data.train_loader(self.batch_per_rank, self.dist.rank, self.dist.world_size, t.seed)
         self.val_loader = self.data.val_loader(self.batch_per_rank, self.dist.rank, self.dist.world_size)
+        # uint8 batches from the loaders, normalised on the device
+        self.train_batches, self.val_batches = (
+            DeviceFeed(loader, self.device, self.data.mean, self.data.std, channels_last=self.channels_last,
+                       name=f"data={cfg.data.name}") for loader in (self.train_loader, self.val_loader))
         self.steps_per_epoch = len(self.train_loader)
         if t.limit_train_batches is not None:
             self.steps_per_epoch = min(self.steps_per_epoch, t.limit_train_batches)
@@ -170,7 +173,7 @@ class Trainer(Checkpoints):
         # only on (seed, epoch). The generators are restored once the loader has drawn its seed,
         # so the augmentations continue as in an uninterrupted run (exactly so with num_workers=0).
         self.train_loader.sampler.skip_next(self.batch_in_epoch * self.batch_per_rank)
-        batches = iter(self.train_loader)
+        batches = iter(self.train_batches)
         if self.pending_rng is not None:
             set_rng_state(self.pending_rng)
             self.pending_rng = None
@@ -184,10 +187,6 @@ class Trainer(Checkpoints):
                    disable=not self.show_progress, dynamic_ncols=True, leave=False)
         while self.batch_in_epoch < self.steps_per_epoch:
             images, target = next(batches)
-            images = images.to(self.device, non_blocking=True)
-            if self.channels_last:
-                images = images.contiguous(memory_format=torch.channels_last)
-            target = target.to(self.device, non_blocking=True)
             with autocast(self.device, self.dtype):
                 logits = self.train_model(images)
                 loss = self.criterion(logits.float(), target)
@@ -275,13 +274,13 @@ class Trainer(Checkpoints):
         # Each rank updated its BN statistics with its own last batch; validate rank 0's, which
         # is what the checkpoint holds, so a single-process eval of it gives the same numbers.
         distributed.broadcast_buffers(self.model, self.dist)
-        result = evaluate(self.model, self.val_loader, self.device, self.dtype, self.class_names, self.dist,
-                          self.channels_last, t.limit_val_batches, self.show_progress)
+        result = evaluate(self.model, self.val_batches, self.device, self.dtype, self.class_names, self.dist,
+                          t.limit_val_batches, self.show_progress)
         if self.ema is None:
             return result, None
         distributed.broadcast_buffers(self.ema, self.dist)
-        return result, evaluate(self.ema.module, self.val_loader, self.device, self.dtype, self.class_names,
-                                self.dist, self.channels_last, t.limit_val_batches, self.show_progress, "val ema")
+        return result, evaluate(self.ema.module, self.val_batches, self.device, self.dtype, self.class_names,
+                                self.dist, t.limit_val_batches, self.show_progress, "val ema")
 
     # -- records ------------------------------------------------------------------------------
 

@@ -17,9 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rednet.data.transforms import normalize_batch
 from rednet.errors import ConfigError
 from rednet.models.involution import Involution
-from rednet.viz.images import denormalize, grey, pyplot, show
+from rednet.viz.images import grey, pyplot, show
 
 HEATMAP_CMAP = "magma"  # monotonic in lightness: the order of values survives a greyscale print
 KERNEL_CMAP = "viridis"
@@ -204,7 +205,7 @@ LOGGED_IMAGES = 4  # trainer.log_kernels: the first validation images, the same 
 @dataclass
 class Sample:
     name: str  # for titles and file names
-    image: torch.Tensor  # (C, H, W), normalised as the model expects
+    image: torch.Tensor  # (C, H, W) uint8, as the data's transforms give it
     target: int | None = None  # the true class, where known
 
 
@@ -243,9 +244,9 @@ def draw(model: nn.Module, sample: Sample, layers: list[str], mean, std, class_n
          point: tuple[int, int] | None = None):
     """One image's heat-map figure and, given a ``point``, its kernels-at-a-point figure (else None),
     from one forward pass."""
-    kernels, logits = capture_kernels(model, sample.image[None], layers)
+    kernels, logits = capture_kernels(model, normalize_batch(sample.image[None], mean, std), layers)
     size = tuple(sample.image.shape[-2:])
-    image = denormalize(sample.image, mean, std)
+    image = sample.image.permute(1, 2, 0).float().div(255).numpy()
     title, notes = _title(sample, logits[0], class_names), _layer_notes(model, kernels)
     heatmaps = heatmap_figure(image, {name: kernel_heatmaps(k, size)[0] for name, k in kernels.items()}, title, notes)
     if point is None:
