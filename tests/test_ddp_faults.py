@@ -323,3 +323,17 @@ def test_a_restarted_group_in_torchruns_shared_store_never_reads_the_previous_st
     results = [proc.communicate(timeout=120) for proc in again]
     for proc, (stdout, stderr) in zip(again, results):
         assert proc.returncode == 0 and stdout == "joined\n", stderr[-3000:]
+
+
+def test_torchruns_shared_store_with_restarts_on_several_nodes_is_one_config_line(monkeypatch):
+    """Each node's torchrun counts its own restarts, so the start's keys cannot be told apart there."""
+    from rednet.engine.distributed import init_distributed
+    from rednet.errors import ConfigError
+
+    for name, value in {"RANK": "1", "WORLD_SIZE": "4", "GROUP_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+                        "MASTER_PORT": str(free_port()), "TORCHELASTIC_USE_AGENT_STORE": "True",
+                        "TORCHELASTIC_MAX_RESTARTS": "3"}.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigError, match=r"^torchrun --max-restarts on several nodes .* launch with "
+                                          r"TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 torchrun \.\.\.$"):
+        init_distributed(torch.device("cpu"), 3)
