@@ -195,7 +195,9 @@ def ddp_drill(index: int, base: Path, reference: tuple[dict, dict], rng: random.
         record["rc"] = proc.wait(timeout=TIMEOUT)
     log = (run_dir.parent / "torchrun.log").read_text()
     if record["rc"] != 0:
-        errors = [line for line in log.strip().splitlines() if "error" in line.lower()]
+        # A worker's own line (rednet's "error: ...", or an exception), not torchrun's summary footer.
+        errors = [line.strip() for line in log.splitlines()
+                  if line.startswith("error: ") or ("Error: " in line and "ChildFailedError" not in line)]
         record["note"] = f"did not complete (rc={record['rc']}): {errors[-1:]}"
         return record
     if f"resumed from {ckpt}" not in log:  # the run must have come back, not finished before the kill
