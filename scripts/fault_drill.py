@@ -1,6 +1,6 @@
 """Kill a digits training run at random moments and check that nothing is lost.
 
-    python scripts/fault_drill.py [--runs 20] [--seed 0] [--ddp]
+    python scripts/fault_drill.py [--runs 20] [--seed 0] [--ddp [--kill rank1|all] [--own-store]]
 
 First an uninterrupted reference run. Then, per drill: start the same run, kill it, check that
 ``checkpoints/last.pt`` loads, let the run continue until it completes, and compare its final
@@ -11,10 +11,12 @@ One process (default): SIGKILL or SIGTERM, during a training step or while a che
 written; the run continues with ``resume=auto`` in a new folder.
 
 ``--ddp``: two gloo processes under ``torchrun``, with the README's one command for every start
-(a fixed run folder, ``resume=if_exists``). A rank is killed (SIGKILL) during a step, or rank 0
-while it writes a checkpoint, under ``--max-restarts=1``: torchrun restarts the group, which must
-continue by itself. Or torchrun itself gets SIGTERM, as from a scheduler's preemption: then the
-same command is run again.
+(a fixed run folder, ``resume=if_exists``). By default (``--kill rank1``) every drill SIGKILLs rank 1
+during a step after the first checkpoint, under ``--max-restarts=1``: torchrun restarts the group,
+which must come back and continue by itself. ``--kill all`` cycles that, a SIGKILL of rank 0 while
+it writes a checkpoint (also restarted), and a SIGTERM to torchrun itself, as from a scheduler's
+preemption (then the same command is run again). torchrun lends its store to the workers unless
+``--own-store`` (``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1``); both must survive restarts.
 """
 
 from __future__ import annotations
@@ -43,9 +45,10 @@ from rednet.io import read_checkpoint  # noqa: E402
 RUN = ["data=digits", "model=rednet18", "trainer.max_epochs=3", "data.batch_size=64", "trainer.progress=none",
        "trainer.device=cpu", "trainer.save_every_n_steps=7"]
 MODES = [("step", signal.SIGKILL), ("step", signal.SIGTERM), ("write", signal.SIGKILL), ("write", signal.SIGTERM)]
-# Two ranks of 32 images each; 2 epochs of 12 steps keep a drill near a minute of training.
+# Two ranks of 32 images each; 2 epochs of 12 steps keep a drill near a minute of training. A
+# group that cannot connect ends within 2 minutes (ddp_timeout_s), a failed drill instead of a hang.
 DDP_RUN = ["trainer=ddp", *RUN, "trainer.max_epochs=2", "trainer.limit_train_batches=12",
-           "trainer.save_every_n_steps=4", "resume=if_exists"]
+           "trainer.save_every_n_steps=4", "trainer.ddp_timeout_s=120", "resume=if_exists"]
 # (moment, target, signal): what a lost worker, a crash during a write, and a preemption look like.
 DDP_MODES = [("step", "rank 1", signal.SIGKILL), ("write", "rank 0", signal.SIGKILL),
              ("step", "torchrun", signal.SIGTERM)]
@@ -58,10 +61,12 @@ def start(workdir: Path, run_dir: Path, *extra: str) -> subprocess.Popen:
                             cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def start_torchrun(run_dir: Path, *torchrun_args: str) -> subprocess.Popen:
+def start_torchrun(run_dir: Path, *torchrun_args: str, own_store: bool = False) -> subprocess.Popen:
     """The README's one command for every start; its output goes to a log file in the run's parent."""
-    # torchrun keeps its store across restarts unless told not to (see the README).
-    env = {**os.environ, "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+    env = dict(os.environ)
+    env.pop("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", None)
+    if own_store:  # torchrun's switch: rank 0 hosts a fresh store for each start instead of torchrun
+        env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
     with open(run_dir.parent / "torchrun.log", "a") as log:
         return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                                  *torchrun_args, str(ROOT / "train.py"), *DDP_RUN, f"hydra.run.dir={run_dir}"],
@@ -150,15 +155,16 @@ def drill(index: int, base: Path, reference: tuple[dict, dict], rng: random.Rand
     return finish(record, resumed, reference)
 
 
-def ddp_drill(index: int, base: Path, reference: tuple[dict, dict], rng: random.Random) -> dict:
-    where, target, sig = DDP_MODES[index % len(DDP_MODES)]
+def ddp_drill(index: int, base: Path, reference: tuple[dict, dict], rng: random.Random, modes: list,
+              own_store: bool) -> dict:
+    where, target, sig = modes[index % len(modes)]
     run_dir = base / f"drill_{index:02d}" / "run"
     run_dir.parent.mkdir(parents=True)
     ckpt = run_dir / "checkpoints" / "last.pt"
     record = {"drill": index, "kill": f"{signal.Signals(sig).name} to {target} during {where}", "survived": False,
               "equal": False, "note": ""}
     restarts = [] if target == "torchrun" else ["--max-restarts=1"]
-    proc = start_torchrun(run_dir, *restarts)
+    proc = start_torchrun(run_dir, *restarts, own_store=own_store)
     if not wait_for(ckpt.exists, proc, TIMEOUT):
         record["note"] = f"run ended before its first checkpoint (rc={proc.poll()})"
         return record
@@ -185,12 +191,17 @@ def ddp_drill(index: int, base: Path, reference: tuple[dict, dict], rng: random.
     record["killed_at"] = f"epoch {state['epoch']} + {state.get('batch_in_epoch', 0)} steps"
     record["rc"] = proc.wait(timeout=TIMEOUT)
     if target == "torchrun":  # preempted: the same command again
-        proc = start_torchrun(run_dir)
+        proc = start_torchrun(run_dir, own_store=own_store)
         record["rc"] = proc.wait(timeout=TIMEOUT)
+    log = (run_dir.parent / "torchrun.log").read_text()
     if record["rc"] != 0:
-        log = (run_dir.parent / "torchrun.log").read_text().strip().splitlines()
-        errors = [line for line in log if "error" in line.lower()]
+        # A worker's own line (rednet's "error: ...", or an exception), not torchrun's summary footer.
+        errors = [line.strip() for line in log.splitlines()
+                  if line.startswith("error: ") or ("Error: " in line and "ChildFailedError" not in line)]
         record["note"] = f"did not complete (rc={record['rc']}): {errors[-1:]}"
+        return record
+    if f"resumed from {ckpt}" not in log:  # the run must have come back, not finished before the kill
+        record["note"] = "completed without a resume: the kill did not interrupt it"
         return record
     return finish(record, run_dir, reference)
 
@@ -209,6 +220,10 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--ddp", action="store_true", help="two gloo processes under torchrun (see above)")
+    parser.add_argument("--kill", choices=["rank1", "all"], default="rank1",
+                        help="--ddp: SIGKILL rank 1 in every drill (default), or cycle all three faults")
+    parser.add_argument("--own-store", action="store_true",
+                        help="--ddp: TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (default: torchrun lends its store)")
     parser.add_argument("--workdir", type=Path, default=None,
                         help="a new or empty folder for the runs (default: a fresh temporary folder); "
                              "removed at the end unless --keep")
@@ -227,7 +242,8 @@ def main() -> None:
     started = time.monotonic()
     reference_dir = args.workdir / "reference" / "run"
     reference_dir.parent.mkdir()
-    proc = start_torchrun(reference_dir) if args.ddp else start(args.workdir, reference_dir)
+    modes = DDP_MODES if args.kill == "all" else DDP_MODES[:1]
+    proc = start_torchrun(reference_dir, own_store=args.own_store) if args.ddp else start(args.workdir, reference_dir)
     if proc.wait(timeout=TIMEOUT) != 0:
         sys.exit(f"the uninterrupted reference run failed (rc={proc.returncode}); see {reference_dir.parent}")
     reference = outcome(reference_dir)
@@ -235,7 +251,8 @@ def main() -> None:
 
     records = []
     for i in range(args.runs):
-        record = (ddp_drill if args.ddp else drill)(i, args.workdir, reference, rng)
+        record = (ddp_drill(i, args.workdir, reference, rng, modes, args.own_store) if args.ddp
+                  else drill(i, args.workdir, reference, rng))
         records.append(record)
         verdict = "equal" if record["equal"] else "survived, NOT EQUAL" if record["survived"] else "FAILED"
         print(f"drill {i + 1}/{args.runs}: {record['kill']}, killed at {record.get('killed_at', '-')}, "
@@ -246,15 +263,16 @@ def main() -> None:
     print()
     print("| kill | drills | survived | equal to the uninterrupted run |")
     print("|---|---:|---:|---:|")
-    labels = [f"{signal.Signals(s).name} to {t} during {w}" for w, t, s in DDP_MODES] if args.ddp else \
+    labels = [f"{signal.Signals(s).name} to {t} during {w}" for w, t, s in modes] if args.ddp else \
         [f"{signal.Signals(s).name} during {w}" for w, s in MODES]
     for label in labels:
         group = [r for r in records if r["kill"] == label]
         print(f"| {label} | {len(group)} | {sum(r['survived'] for r in group)} | {sum(r['equal'] for r in group)} |")
     equal_runs = sum(r["equal"] for r in records)
     print(f"| **all** | {len(records)} | {sum(r['survived'] for r in records)} | **{equal_runs}** |")
+    how = ("two processes, torchrun" + (" with its own store" if args.own_store else "")) if args.ddp else "one process"
     print(f"\n{equal_runs}/{len(records)} ended with the uninterrupted run's final val metrics and weights "
-          f"({'two processes, torchrun' if args.ddp else 'one process'}; {time.monotonic() - started:.0f} s in all)")
+          f"({how}; {time.monotonic() - started:.0f} s in all)")
     if not args.keep:
         shutil.rmtree(args.workdir, ignore_errors=True)
     sys.exit(0 if equal_runs == len(records) else 1)

@@ -8,14 +8,18 @@ import datetime
 import io
 import os
 import re
+import sys
+import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.distributed.rendezvous import rendezvous
 
-from rednet.errors import UserError
+from rednet.errors import ConfigError, UserError
 
 
 class LostProcess(UserError):
@@ -51,30 +55,121 @@ def restart_count() -> int:
     return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
 
 
-def shared_store_warning() -> str | None:
-    """A warning for torchrun restarts that can fail, or None.
-
-    By default torchrun's agent lends its store to the workers and keeps it across restarts, with
-    the previous group's keys in it: a restarted worker can read the old addresses and fail to
-    connect (PyTorch issue 135712). torchrun's own switch turns the sharing off.
-    """
-    if int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", 0)) > 0 and \
-            os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
-        return ("warning: torchrun shares its store with the workers, so a restart can fail to connect (PyTorch "
-                "issue 135712); launch with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 torchrun --max-restarts=N ...")
+def shared_store_warning() -> None:
+    """Nothing to warn about any more: :func:`init_distributed` keeps each start's keys apart in a
+    shared store. Kept only until ``Trainer.__init__`` stops calling it."""
     return None
 
 
 def init_distributed(device: torch.device, timeout_s: float = 1800) -> DistInfo:
-    """Joins the process group. Every collective then waits at most ``timeout_s`` for the other
-    processes, so one that died or hangs stops the rest within that time instead of never."""
+    """Joins the process group. Joining, and every collective after it, waits at most ``timeout_s``
+    for the other processes, so one that never started, died or hangs stops the rest within that
+    time, with one line (:class:`LostProcess`), instead of never."""
     info = env_info()
     if info.enabled and not dist.is_initialized():
-        # NCCL for GPUs, gloo for CPUs (tests, debugging).
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                                device_id=device if device.type == "cuda" else None,
-                                timeout=datetime.timedelta(seconds=timeout_s))
+        missing = [name for name in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(name)]
+        if missing:
+            raise ConfigError(f"launched as {info.world_size} processes (WORLD_SIZE) but {' and '.join(missing)} "
+                              f"is not set; start them with torchrun, or set MASTER_ADDR and MASTER_PORT")
+        prefix = _prefix_of_this_start()
+        timeout = datetime.timedelta(seconds=timeout_s)
+        with _cpp_log_held() as stderr_fd:
+            # gloo's connect can wait past its timeout for a peer that accepted but never answers
+            # (seen here: minutes at 0% CPU), and C++ cannot be interrupted from Python: a watchdog
+            # ends the process with the line, a moment after the store's own timeout had its chance.
+            watchdog = threading.Timer(timeout_s + _WATCHDOG_GRACE_S, _give_up,
+                                       [stderr_fd, _join_failure(info, timeout_s, f"no answer within {timeout_s:g} s")])
+            watchdog.daemon = True
+            watchdog.start()
+            try:
+                # The store torch makes for env://: rank 0's, or torchrun's own where torchrun lends it.
+                store, _, _ = next(rendezvous("env://", info.rank, info.world_size, timeout=timeout))
+                # NCCL for GPUs, gloo for CPUs (tests, debugging).
+                dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                        store=dist.PrefixStore(prefix, store), rank=info.rank,
+                                        world_size=info.world_size, timeout=timeout,
+                                        device_id=device if device.type == "cuda" else None)
+            except RuntimeError as error:  # the store's DistErrors and gloo's own errors alike
+                raise LostProcess(_join_failure(info, timeout_s, _reason(error))) from None
+            finally:
+                watchdog.cancel()
     return info
+
+
+# How long after ddp_timeout_s the watchdog waits for the store or gloo to raise by themselves.
+_WATCHDOG_GRACE_S = 2.0
+
+
+def _give_up(stderr_fd: int, line: str) -> None:
+    # As rednet.cli.fail writes it, in one write; os._exit because the main thread sits in C++.
+    os.write(stderr_fd, f"error: {line}\n".encode())
+    os._exit(LostProcess.exit_code)
+
+
+@contextlib.contextmanager
+def _cpp_log_held():
+    """Holds back what C++ writes to stderr while the process joins: the store's and gloo's retry
+    warnings and errors, each with a C++ stack. Shown if the join succeeds; dropped if it fails,
+    where the one line says it all. Yields the real stderr's descriptor. ``TORCH_CPP_LOG_LEVEL``
+    set by the user means they want that log: then nothing is held."""
+    if os.environ.get("TORCH_CPP_LOG_LEVEL"):
+        yield 2
+        return
+    sys.stderr.flush()
+    real = os.dup(2)
+    joined = False
+    try:
+        with tempfile.TemporaryFile() as held:
+            os.dup2(held.fileno(), 2)
+            try:
+                yield real
+                joined = True
+            finally:
+                os.dup2(real, 2)
+                if joined and held.seek(0, os.SEEK_END):
+                    held.seek(0)
+                    sys.stderr.flush()
+                    os.write(2, held.read())
+    finally:
+        os.close(real)
+
+
+def _prefix_of_this_start() -> str:
+    """Where the process group keeps its keys in the store, for this start of the worker group.
+
+    torchrun lends its own store to the workers (unless TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1) and
+    keeps it across ``--max-restarts`` restarts with the previous group's keys in it: a restarted
+    rank that reads them before the new rank 0 overwrites them connects to a process that is gone
+    (gloo: "Connection refused", after three quick retries; PyTorch issue 135712). So each start
+    gets keys of its own, named by its restart count. All ranks agree on that count only when one
+    torchrun started them all: across nodes the counts drift apart, so there the lent store is refused.
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return "default_pg"  # a store of this start alone: torch's own name
+    if int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", 0)) > 0 and int(os.environ.get("GROUP_WORLD_SIZE", 1)) > 1:
+        raise ConfigError("torchrun --max-restarts on several nodes keeps its store across restarts, and a "
+                          "restarted group can then fail to connect (PyTorch issue 135712); launch with "
+                          "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 torchrun ...")
+    return f"rednet/start-{restart_count()}"
+
+
+def _reason(error: BaseException) -> str:
+    """The first line of a torch or gloo error, without gloo's ``[source.cc:123]`` prefix."""
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()] or [type(error).__name__]
+    return re.sub(r"^\[[^\]]*\]\s*", "", lines[0]).rstrip(".")
+
+
+def _join_failure(info: DistInfo, timeout_s: float, reason: str) -> str:
+    """One line: what this rank waited for, why it stopped, and what to check."""
+    where = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
+    if "EADDRINUSE" in reason:
+        return (f"rank 0 cannot open the run's store at {where}: another program uses the port; launch with "
+                f"another MASTER_PORT (torchrun --master-port=N)")
+    waited = (f"the other {info.world_size - 1} process(es) to join its store at {where}" if info.is_main
+              else f"rank 0's store at {where} and the other processes")
+    return (f"rank {info.rank} of {info.world_size} waited up to trainer.ddp_timeout_s={timeout_s:g} s for {waited} "
+            f"({reason}); check that all {info.world_size} processes were started, with the same MASTER_ADDR "
+            f"and MASTER_PORT, and that {where} is reachable from each of them")
 
 
 def broadcast_object(obj: Any, info: DistInfo) -> Any:
@@ -138,18 +233,28 @@ def is_communication_error(error: BaseException) -> bool:
 
 
 @contextlib.contextmanager
-def lost_process_errors(info: DistInfo, last_checkpoint: Path):
-    """Turns a collective that failed because another process is gone into one :class:`LostProcess` line."""
+def lost_process_errors(info: DistInfo | None = None, last_checkpoint: Path | None = None):
+    """Turns a collective that failed because another process is gone into one :class:`LostProcess` line.
+
+    Around a whole command (``rednet.cli.guarded``) it covers every collective of a DDP run: the
+    set-up's broadcasts, training, evaluation. The training loop adds its ``last_checkpoint``, which
+    the line names for the restart.
+    """
+    info = env_info() if info is None else info
     try:
         yield
     except RuntimeError as error:
         if not (info.enabled and is_communication_error(error)):
             raise
         # gloo: "[.../pair.cc:545] Read error [10.0.0.2]:5865: Connection reset by peer. This is typically ..."
-        reason = re.sub(r"^\[[^\]]*\]\s*", "", str(error).strip().splitlines()[0]).split(". ")[0]
-        saved = (f"the last checkpoint is {last_checkpoint}, where a restart with resume=if_exists continues"
-                 if last_checkpoint.is_file() else "no checkpoint was written yet")
-        raise LostProcess(f"rank {info.rank} lost another process of the run ({reason}); {saved}") from error
+        reason = _reason(error).split(". ")[0]
+        if last_checkpoint is None:
+            then = "the other processes' output says why they stopped"
+        elif last_checkpoint.is_file():
+            then = f"the last checkpoint is {last_checkpoint}, where a restart with resume=if_exists continues"
+        else:
+            then = "no checkpoint was written yet"
+        raise LostProcess(f"rank {info.rank} lost another process of the run ({reason}); {then}") from error
 
 
 def cleanup() -> None:
