@@ -1,5 +1,6 @@
 """Command-line entry points: ``python train.py ...`` / ``rednet-train``, ``python eval.py ...`` / ``rednet-eval``
-``python export.py ...`` / ``rednet-export`` and ``python visualize.py ...`` / ``rednet-visualize``.
+``python export.py ...`` / ``rednet-export``, ``python visualize.py ...`` / ``rednet-visualize`` and
+``python pack.py ...`` / ``rednet-pack``.
 
 A user's mistake (a bad override, a missing dataset, a checkpoint that does not fit) ends with one
 line on stderr and exit status 2, without a traceback. Hydra's own composition errors span several
@@ -22,7 +23,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from rednet.config import SCHEMAS, TrainConfig, check_keys, did_you_mean, register_configs, validate
+from rednet.config import SCHEMAS, TrainConfig, check_keys, did_you_mean, register_configs, validate, validate_pack
 from rednet.errors import ConfigError, UserError
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
@@ -89,7 +90,9 @@ def preflight(config_name: str, argv: list[str]) -> None:
                     multirun = "-m" in argv or "--multirun" in argv
                     key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
                     check_run_dir(OmegaConf.select(cfg, key), key)
-                if config_name == "train" or "ckpt" not in cfg or cfg.ckpt is None:
+                if config_name == "pack":
+                    validate_pack(cfg)
+                elif config_name == "train" or "ckpt" not in cfg or cfg.ckpt is None:
                     validate(cfg)
                 else:
                     check_keys(cfg)
@@ -299,6 +302,15 @@ def _visualize(cfg: DictConfig) -> None:
     visualize_checkpoint(cfg, ckpt, HydraConfig.get().runtime.output_dir)
 
 
+@guarded
+def _pack(cfg: DictConfig) -> None:
+    from rednet.data.shards import pack
+
+    validate_pack(cfg)
+    result = pack(cfg.data, cfg.out, cfg.max_side, cfg.quality, cfg.shard_samples)
+    logging.getLogger("rednet").info(result.summary())
+
+
 def config_for_checkpoint(cfg: DictConfig, saved: dict | None, overrides: list[str]) -> DictConfig:
     """eval.py's config: the checkpoint's model and data, with what the command line names on top.
 
@@ -347,3 +359,7 @@ def export() -> None:
 
 def visualize() -> None:
     _main(_visualize, "visualize")
+
+
+def pack() -> None:
+    _main(_pack, "pack")

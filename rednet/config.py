@@ -39,7 +39,7 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    name: str = MISSING  # cifar10 | cifar100 | imagenet | digits | fake
+    name: str = MISSING  # cifar10 | cifar100 | imagenet | digits | fake | shards
     root: str = "data"
     download: bool = True
     batch_size: int = 128  # the global batch: split across ranks under DDP
@@ -56,6 +56,7 @@ class DataConfig:
     val_size: int = 200  # fake only
     bad_images: str = "error"  # imagenet/ImageFolder: error | skip unreadable images
     seed: int = 0  # digits: the fixed stratified split
+    shuffle_buffer: int = 1000  # shards: samples (encoded) each loader worker holds to shuffle; 0: none
 
 
 @dataclass
@@ -137,8 +138,19 @@ class VisualizeConfig(TrainConfig):
     point: Optional[list[int]] = None  # [y, x] in image pixels for the kernels at one point; null: the centre
 
 
+@dataclass
+class PackConfig:
+    """pack.py: the ImageFolder tree of ``data`` (data=imagenet data.root=SRC) into tar shards in ``out``."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    out: str = MISSING  # the folder to write the shards into (data.root of data=shards)
+    max_side: Optional[int] = None  # re-encode images whose longer side is larger to this side; null: keep the files
+    quality: int = 90  # JPEG quality of re-encoded images
+    shard_samples: int = 1000  # images per shard
+
+
 # Each command's config (configs/<name>.yaml) and its schema; eval.py's is the training schema.
-SCHEMAS = {"train": TrainConfig, "export": ExportConfig, "visualize": VisualizeConfig}
+SCHEMAS = {"train": TrainConfig, "export": ExportConfig, "visualize": VisualizeConfig, "pack": PackConfig}
 
 
 def register_configs() -> None:
@@ -147,7 +159,7 @@ def register_configs() -> None:
 
 
 CHOICES = {
-    ("data", "name"): ["cifar10", "cifar100", "imagenet", "digits", "fake"],
+    ("data", "name"): ["cifar10", "cifar100", "imagenet", "digits", "fake", "shards"],
     ("data", "bad_images"): ["error", "skip"],
     ("optim", "name"): ["sgd", "adamw"],
     ("sched", "name"): ["cosine", "step"],
@@ -277,6 +289,14 @@ def validate(cfg: DictConfig | Any) -> None:
     if cfg.trainer.log_kernels and not cfg.model.name.startswith("rednet"):
         raise ConfigError(f"trainer.log_kernels=true draws involution kernels, and model={cfg.model.name} has none; "
                           f"use a RedNet model or trainer.log_kernels=false")
+
+
+def validate_pack(cfg: DictConfig) -> None:
+    """pack.py's config: its keys and the data choices; pack() checks its own values."""
+    check_keys(cfg)
+    for (group, key), choices in CHOICES.items():
+        if group == "data" and cfg.data[key] not in choices:
+            raise ConfigError(f"data.{key}={cfg.data[key]} is not valid; choose one of: {', '.join(choices)}")
 
 
 def _validate_involution(m) -> None:
