@@ -15,6 +15,7 @@ from PIL import Image
 
 from rednet.data import build_datamodule
 from rednet.data import shards as shards_module
+from rednet.data.folder import build_imagefolder
 from rednet.data.shards import pack
 from rednet.data.transforms import ValTransform
 from rednet.errors import ConfigError
@@ -109,9 +110,11 @@ def sources(src: Path, split: str) -> list[tuple[Path, int]]:
 # -- packing ------------------------------------------------------------------------------------------------
 
 
-def test_pack_round_trip_gives_back_every_file_and_label(tmp_path):
+def test_pack_round_trip_gives_back_every_file_and_label(tmp_path, capsys):
     src = write_photo_tree(tmp_path / "src")
     result = pack_tree(src, tmp_path / "out", shard_samples=5)
+    progress = capsys.readouterr().err
+    assert f"packing into {tmp_path / 'out'}" in progress and "18/18" in progress, "no progress bar"
     index = json.loads((tmp_path / "out" / "index.json").read_text())
     assert index["splits"]["train"]["classes"] == ["class_0", "class_1"]
     for split in ("train", "val"):
@@ -172,6 +175,21 @@ def test_an_unreadable_source_image_stops_packing_or_is_counted(tmp_path):
     assert sorted(i for batch in epoch_ids(data.train_loader(1), 0) for i in batch) == [i for i in range(12) if i != 4]
 
 
+def test_a_shard_file_appears_only_when_whole(tmp_path):
+    # Packing stops at an unreadable image of the third training shard, as a kill would mid-shard.
+    src = write_id_tree(tmp_path / "src", train=20, val=4)
+    listing = build_imagefolder(data_cfg("imagenet", root=str(src))).train_set.samples
+    order = np.random.default_rng(shards_module.PACK_ORDER_SEED).permutation(len(listing))
+    bad = Path(listing[order[12]][0])  # position 12: the third of four shards of 5
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n cut off")
+    out = tmp_path / "out"
+    with raises_one_line(f"unreadable image {bad}"):
+        pack_tree(src, out, shard_samples=5)
+    assert sorted(p.name for p in out.iterdir()) == ["pack.json", "train-000000.tar", "train-000001.tar"]
+    for name in ("train-000000.tar", "train-000001.tar"):
+        assert len(members(out / name)) == 10, f"{name} is not whole"
+
+
 def test_rerunning_an_interrupted_packing_keeps_its_shards(tmp_path):
     src = write_id_tree(tmp_path / "src", train=20, val=4)
     out = tmp_path / "out"
@@ -217,6 +235,54 @@ def test_each_sample_once_per_epoch_across_ranks_and_workers(tmp_path, workers):
         assert sorted(val) == list(range(103, 120)), "every validation sample exactly once"
 
 
+def log_reads(monkeypatch, log: Path):
+    """Makes every read_shard, in this process or a forked loader worker, append to ``log`` a line
+    [worker, shard, None] when it opens a shard and [worker, shard, j] when it reads sample j's image."""
+    read_shard = shards_module.read_shard
+
+    def write(*entry):
+        with log.open("a") as f:
+            f.write(json.dumps(entry) + "\n")
+
+    def logged(path, num_classes, wanted=lambda j: True):
+        info = torch.utils.data.get_worker_info()
+        worker = info.id if info else 0
+        write(worker, Path(path).name, None)
+        for j, sample in enumerate(read_shard(path, num_classes, wanted)):
+            if sample.image is not None:
+                write(worker, Path(path).name, j)
+            yield sample
+
+    monkeypatch.setattr(shards_module, "read_shard", logged)
+
+
+def read_log(log: Path) -> tuple[set, list]:
+    """The (worker, shard) pairs that opened a shard, and the (worker, shard, j) images read, since the last call."""
+    lines = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+    log.unlink(missing_ok=True)
+    return {(w, s) for w, s, j in lines if j is None}, [(w, s, j) for w, s, j in lines if j is not None]
+
+
+def test_ranks_and_workers_read_disjoint_shards(tmp_path, monkeypatch):
+    data = packed_ids(tmp_path, train=103, val=17, shard_samples=12, shuffle_buffer=5, num_workers=2)
+    log = tmp_path / "reads.jsonl"
+    log_reads(monkeypatch, log)
+    readers, read = {}, []
+    for rank in range(2):
+        epoch_ids(data.train_loader(4, rank, 2, seed=7), epoch=1)
+        opened, images = read_log(log)
+        for worker, shard in opened:
+            readers.setdefault(shard, set()).add((rank, worker))
+        read += [(shard, j) for _, shard, j in images]
+    assert len(set(read)) == len(read) == 96, "a sample's image was read twice, or not at all"
+    assert len(readers) == 9
+    for shard, who in readers.items():
+        assert len({w for r, w in who if r == 0}) <= 1 and len({w for r, w in who if r == 1}) <= 1, \
+            f"two workers of one rank read {shard}"
+    # Equal batch counts need one shard between the two ranks, read in two disjoint parts.
+    assert sum(len(who) > 1 for who in readers.values()) <= 1
+
+
 def test_shuffle_changes_the_order_between_epochs_not_the_set(tmp_path):
     data = packed_ids(tmp_path, train=96, val=10, shard_samples=10, shuffle_buffer=8)
     loader = data.train_loader(4, 0, 2, seed=3)
@@ -238,21 +304,29 @@ def test_shuffle_changes_the_order_between_epochs_not_the_set(tmp_path):
 
 
 @pytest.mark.parametrize("workers", [0, 2])
-def test_resume_mid_epoch_skips_what_was_trained(tmp_path, workers):
+def test_resume_mid_epoch_skips_what_was_trained(tmp_path, monkeypatch, workers):
     data = packed_ids(tmp_path, train=90, val=4, shard_samples=7, shuffle_buffer=6, num_workers=workers)
+    log = tmp_path / "reads.jsonl"
+    log_reads(monkeypatch, log)
     loader = data.train_loader(4, 1, 2, seed=5)
     whole = epoch_ids(loader, 3)
     assert len(whole) == 11
+    opened = {shard for _, shard in read_log(log)[0]}
     resumed = data.train_loader(4, 1, 2, seed=5)
     resumed.set_epoch(3)
-    resumed.skip_next(3 * 4)
-    assert len(resumed) == 8
+    resumed.skip_next(7 * 4)
+    assert len(resumed) == 4
     rest = [ids(*batch) for batch in resumed]
-    assert len(rest) == 8 and all(len(b) == 4 for b in rest)
+    # The 28 samples trained before the interruption are not read again: at least one whole shard (of 7) is
+    # not even opened, and the images read are exactly those of the 16 samples left.
+    reopened, images = read_log(log)
+    assert len({shard for _, shard in reopened}) < len(opened)
+    assert len(images) == 16
+    assert len(rest) == 4 and all(len(b) == 4 for b in rest)
     if workers == 0:
-        assert rest == whole[3:]
+        assert rest == whole[7:]
     else:  # the same samples, possibly batched otherwise
-        assert sorted(i for b in rest for i in b) == sorted(i for b in whole[3:] for i in b)
+        assert sorted(i for b in rest for i in b) == sorted(i for b in whole[7:] for i in b)
     assert len(resumed) == 11 and len(epoch_ids(resumed, 3)) == 11  # the skip was for one iteration
 
 
@@ -429,6 +503,14 @@ def test_pack_py(tmp_path):
                      f"hydra.run.dir={tmp_path}/run", timeout=120)
     assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
     assert f"data.root={tmp_path}/nope is not a folder" in result.stderr
+
+
+def test_train_py_on_a_folder_without_shards(tmp_path):
+    result = run_cli("train.py", "data=shards", f"data.root={tmp_path}", "trainer.device=cpu",
+                     f"hydra.run.dir={tmp_path}/run", timeout=120)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr[-2000:]
+    assert f"no packed shards in data.root={tmp_path}: it has no shards and no index.json" in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 @pytest.mark.xfail(strict=True, reason="the trainer does not normalise uint8 batches on the device yet (the lead "
