@@ -49,24 +49,42 @@ One epoch, for rank r of ``world`` ranks, each with k loader workers (k = 1 with
 - Workers send whole batches; each worker's last, partial batch is merged with the others' in
   the loading process, so a rank yields exactly B batches (training) whatever k is.
 
-Resuming mid-epoch (``loader.skip_next(n)`` after ``loader.set_epoch(epoch)``, with n samples of
-that epoch already trained on by this rank). The order above is a pure function of (index,
-seed, epoch, world, k, batch, buffer), so the loader computes which samples each worker had
-delivered and each worker starts after them: shards it had finished are not opened, the member
-data of delivered samples in its current shards is not read (their images not decoded). Exact:
+Resuming mid-epoch. The trainer's checkpoint holds the epoch and the batches this rank had
+trained in it; on resume it calls ``loader.set_epoch(epoch)`` then ``loader.skip_next(n)``, n
+being those batches times the per-rank batch. The granularity is one sample, finer than a shard.
+The epoch's order is a pure function of (the index, seed, epoch, world size, k, batch,
+data.shuffle_buffer), so the loader recomputes how many samples each worker had delivered
+(:func:`delivered` replays the DataLoader's turn-taking over the workers and the merge of their
+last batches) and each worker starts after them: a shard all of whose samples it had delivered is
+not opened; in a shard it had partly delivered, the delivered samples' headers are read but their
+image bytes are seeked past, never read or decoded. Nothing is read to count or to replay.
 
-- the set of samples trained in the epoch, with the same world size and number of workers: each
-  sample of the epoch exactly once, none repeated or lost across the interruption;
-- the number of batches of the epoch;
-- with ``num_workers=0``: the order of samples and the batches themselves; augmentations too,
-  as the trainer restores the random generators after the loader starts (the shard order and the
-  buffer use their own generators, never torch's).
+Exact, when the resumed run has the same packed folder, seed, world size, data.num_workers,
+data.batch_size and data.shuffle_buffer (the loader cannot check these; the config saved with
+the checkpoint is what keeps them equal):
 
-Not exact: with workers, how the remaining samples are interleaved into batches (each worker
-restarts its batches where it stopped, and the workers' turns restart at worker 0), and the
-augmentations (workers draw new seeds when they start, as with data=imagenet). With another
-world size or number of workers, the epoch's split differs, so the resumed epoch is a different
-(still disjoint) split: samples may be repeated or missed in that one epoch.
+- which samples the epoch trains on: each of the epoch's samples exactly once, none repeated and
+  none lost across the interruption, and the same samples left out at the epoch's end (training);
+- the number of batches of the epoch, the same on every rank;
+- with ``num_workers=0``: the order of the samples and the batches themselves, and their
+  augmentations where the trainer restores torch's generator after the loader starts (the shard
+  order and the buffer use their own numpy generators, never torch's);
+- every later epoch's shard order, buffer order and batches (they depend on the epoch's number,
+  not on the interruption); its augmentations only as far as torch's generator was restored.
+
+Not exact:
+
+- with workers, how the remaining samples are grouped into batches and in what order: each
+  worker restarts its batches where it stopped, and the workers' turns restart at worker 0;
+- with workers, the augmentations of the remaining samples: workers draw new seeds when they
+  start, as with data=imagenet;
+- anything that depends on the previous point (batch statistics, the exact weights after the
+  epoch): a resumed run with workers is statistically, not bitwise, the run that was not stopped;
+- with another world size, number of workers, batch size, seed or buffer, the epoch is split
+  differently: the resumed epoch is still each rank's disjoint part of the stream, but samples of
+  the interrupted epoch may be trained twice or not at all in that one epoch;
+- validation is not resumed: an interrupted validation runs again from its start;
+- an unreadable image skipped with ``data.bad_images=skip`` still counts as a delivered sample.
 """
 
 from __future__ import annotations
