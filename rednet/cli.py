@@ -1,6 +1,7 @@
 """Command-line entry points: ``python train.py ...`` / ``rednet-train``, ``python eval.py ...`` /
 ``rednet-eval``, ``python export.py ...`` / ``rednet-export`` and ``python visualize.py ...`` /
-``rednet-visualize``. Each parses (Hydra composes the config, once) and calls what the command does.
+``rednet-visualize``, and ``python pack.py ...`` / ``rednet-pack``. Each parses (Hydra composes the config,
+once) and calls what the command does.
 
 A user's mistake (a bad override, a missing dataset, a checkpoint that does not fit) ends with one
 line on stderr and exit status 2, without a traceback: Hydra's and OmegaConf's composition errors
@@ -27,7 +28,8 @@ from omegaconf import DictConfig
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
 
 import rednet.deploy.runtime  # noqa: F401  (registers .onnx files with open_trained)
-from rednet.config import SCHEMAS, TrainConfig, did_you_mean, register_configs, schema_keys, validate
+from rednet.config import SCHEMAS, TrainConfig, did_you_mean, register_configs, schema_keys, validate, validate_pack
+from rednet.data import shards
 from rednet.deploy.export import export_checkpoint
 from rednet.engine import distributed
 from rednet.engine.evaluate import evaluate_trained
@@ -152,7 +154,8 @@ def guarded(task):
     def wrapper(cfg: DictConfig):
         submitit.env_from_submitit()
         try:
-            result = task(cfg)
+            with distributed.lost_process_errors():  # a DDP peer lost anywhere in the command: one line
+                result = task(cfg)
             if isinstance(result, float) and math.isnan(result) and _optuna_trial():
                 raise UserError(f"optimized_metric {cfg.optimized_metric} is NaN")
             return result
@@ -239,6 +242,13 @@ def _visualize(cfg: DictConfig) -> None:
     visualize_checkpoint(cfg, trained, _run_dir())
 
 
+@guarded
+def _pack(cfg: DictConfig) -> None:
+    validate_pack(cfg)
+    result = shards.pack(cfg.data, cfg.out, cfg.max_side, cfg.quality, cfg.shard_samples)
+    log.info(result.summary())
+
+
 def _main(task, config_name: str) -> None:
     argv = sys.argv[1:]
     _quiet_other_ranks()
@@ -275,3 +285,7 @@ def export() -> None:
 
 def visualize() -> None:
     _main(_visualize, "visualize")
+
+
+def pack() -> None:
+    _main(_pack, "pack")

@@ -90,7 +90,7 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    name: str = MISSING  # a name from rednet.data.list_datasets(): cifar10, cifar100, digits, fake, imagenet
+    name: str = MISSING  # a name from rednet.data.list_datasets(): cifar10, cifar100, digits, fake, imagenet, shards
     root: str = "data"
     download: bool = True
     batch_size: int = 128  # the global batch: split across ranks under DDP
@@ -107,6 +107,7 @@ class DataConfig:
     val_size: int = 200  # fake only
     bad_images: BadImages = BadImages.error  # imagenet/ImageFolder: error | skip unreadable images
     seed: int = 0  # digits: the fixed stratified split
+    shuffle_buffer: int = 1000  # shards: samples (encoded) each loader worker holds to shuffle; 0: none
 
 
 @dataclass
@@ -188,8 +189,19 @@ class VisualizeConfig(TrainConfig):
     point: Optional[list[int]] = None  # [y, x] in image pixels for the kernels at one point; null: the centre
 
 
+@dataclass
+class PackConfig:
+    """pack.py: the ImageFolder tree of ``data`` (data=imagenet data.root=SRC) into tar shards in ``out``."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    out: str = MISSING  # the folder to write the shards into (data.root of data=shards)
+    max_side: Optional[int] = None  # re-encode images whose longer side is larger to this side; null: keep the files
+    quality: int = 90  # JPEG quality of re-encoded images
+    shard_samples: int = 1000  # images per shard
+
+
 # Each command's config (configs/<name>.yaml) and its schema; eval.py's is the training schema.
-SCHEMAS = {"train": TrainConfig, "export": ExportConfig, "visualize": VisualizeConfig}
+SCHEMAS = {"train": TrainConfig, "export": ExportConfig, "visualize": VisualizeConfig, "pack": PackConfig}
 
 
 def register_configs() -> None:
@@ -308,6 +320,13 @@ def validate(cfg: DictConfig | Any) -> None:
     if cfg.trainer.log_kernels and not cfg.model.name.startswith("rednet"):
         raise ConfigError(f"trainer.log_kernels=true draws involution kernels, and model={cfg.model.name} has none; "
                           f"use a RedNet model or trainer.log_kernels=false")
+
+
+def validate_pack(cfg: DictConfig) -> None:
+    """pack.py's config: its keys and the dataset; pack() checks its own values."""
+    check_keys(cfg)
+    if cfg.data.name not in list_datasets():
+        raise ConfigError(f"data.name={cfg.data.name} is not valid; choose one of: {', '.join(list_datasets())}")
 
 
 def _validate_involution(m) -> None:

@@ -55,12 +55,6 @@ def restart_count() -> int:
     return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
 
 
-def shared_store_warning() -> None:
-    """Nothing to warn about any more: :func:`init_distributed` keeps each start's keys apart in a
-    shared store. Kept only until ``Trainer.__init__`` stops calling it."""
-    return None
-
-
 def init_distributed(device: torch.device, timeout_s: float = 1800) -> DistInfo:
     """Joins the process group. Joining, and every collective after it, waits at most ``timeout_s``
     for the other processes, so one that never started, died or hangs stops the rest within that
