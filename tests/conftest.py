@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
@@ -35,12 +36,56 @@ def pytest_xdist_auto_num_workers(config):
 FAST = ["trainer.progress=none", "trainer.device=cpu", "data.num_workers=0"]
 
 
-def compose_config(overrides: list[str], name: str = "train"):
+def tiny(*, data: str | None = None, batch_size: int | None = None, epochs: int | None = None,
+         train_batches: int | None = None, val_batches: int | None = None, model: str = "rednet18") -> list[str]:
+    """The overrides of a small training run on the CPU: FAST, a RedNet-18, and what each argument
+    sets (None keeps the config's value). The one place the suite's small runs are spelled."""
+    settings = {"data": data, "data.batch_size": batch_size, "trainer.max_epochs": epochs,
+                "trainer.limit_train_batches": train_batches, "trainer.limit_val_batches": val_batches}
+    return [*FAST, f"model={model}", *(f"{key}={value}" for key, value in settings.items() if value is not None)]
+
+
+def compose_config(overrides: list[str], name: str = "train", hydra: bool = False):
+    """The config as the command line composes it; with ``hydra=True`` Hydra's own node too."""
     from rednet.config import register_configs
 
     register_configs()
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        return compose(config_name=name, overrides=overrides)
+        return compose(config_name=name, overrides=overrides, return_hydra_config=hydra)
+
+
+def involution_inputs(b, c, h, w, groups, kernel_size, stride=1, dilation=1, dtype=torch.float32, seed=0):
+    """A random input (b, c, h, w) and per-pixel kernels (b, groups, K*K, ho, wo) for it."""
+    from rednet.ops import output_size
+
+    gen = torch.Generator().manual_seed(seed)
+    ho, wo = output_size(h, kernel_size, stride, dilation), output_size(w, kernel_size, stride, dilation)
+    x = torch.randn(b, c, h, w, generator=gen).to(dtype)
+    weight = torch.randn(b, groups, kernel_size * kernel_size, ho, wo, generator=gen).to(dtype)
+    return x, weight
+
+
+def assert_all_close(got, want, names, rtol, atol=0.0, atol_scale=0.0, dtype=None):
+    """Each tensor of ``got`` against the float64 ``want``: same shape (and ``dtype``), nothing left
+    unwritten (NaN), within ``rtol`` and ``atol`` + ``atol_scale`` times the reference's largest value
+    (a sum of many terms can cancel to near zero)."""
+    for name, g, r in zip(names, got, want):
+        assert g.shape == r.shape, name
+        assert dtype is None or g.dtype == dtype, name
+        assert not g.isnan().any(), f"{name}: unwritten (NaN-poisoned) elements"
+        scale = float(r.abs().max()) if r.numel() else 0.0
+        torch.testing.assert_close(g.double(), r.double(), rtol=rtol, atol=atol + atol_scale * scale,
+                                   msg=lambda m, name=name: f"{name}: {m}")
+
+
+class RunsCommand:
+    """Unpickling this runs ``command`` in a shell: what a planted checkpoint or data file would do."""
+
+    def __init__(self, command: str) -> None:
+        self.command = command
+
+    def __reduce__(self):
+        return os.system, (self.command,)
 
 
 def command_config(name: str, overrides: list[str]):

@@ -1,14 +1,13 @@
 """A user's mistakes, through the real command line: one line on stderr naming the culprit and the
 fix, exit status 2, no traceback."""
 
-import os
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.conftest import run_cli
+from tests.conftest import RunsCommand, run_cli
 
 
 def assert_one_line_error(result, *fragments):
@@ -41,18 +40,12 @@ def test_train_rejects_bad_input(tmp_path, args, fragments):
         assert error in (tmp_path / "run" / "train.log").read_text().splitlines()[-1]
 
 
-class RunsCode:
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
-
-
 def test_checkpoint_that_would_run_code_is_refused(tmp_path):
-    payload = RunsCode()
-    payload.marker = tmp_path / "pwned"
-    torch.save({"model": payload}, tmp_path / "evil.pt")
+    marker = tmp_path / "pwned"
+    torch.save({"model": RunsCommand(f"touch {marker}")}, tmp_path / "evil.pt")
     result = run_cli("eval.py", f"ckpt={tmp_path}/evil.pt", f"hydra.run.dir={tmp_path}/eval")
     assert_one_line_error(result, "evil.pt", "refusing to load it")
-    assert not payload.marker.exists()
+    assert not marker.exists()
 
 
 def test_truncated_checkpoint(tmp_path):

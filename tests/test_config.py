@@ -15,7 +15,7 @@ DATA = sorted(p.stem for p in (ROOT / "configs/data").glob("*.yaml"))
 
 def test_every_model_config_names_a_registered_model():
     assert MODELS == sorted(list_models())
-    assert DATA == ["cifar10", "cifar100", "digits", "fake", "imagenet"]
+    assert DATA == ["cifar10", "cifar100", "digits", "fake", "imagenet", "shards"]
 
 
 @pytest.mark.parametrize("data", DATA)

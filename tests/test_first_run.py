@@ -11,10 +11,9 @@ import pytest
 
 from rednet.engine.trainer import Trainer
 from rednet.errors import CheckpointError, ConfigError
-from tests.conftest import FAST, ROOT, compose_config, run_cli
+from tests.conftest import ROOT, compose_config, run_cli, tiny
 
-TINY = ["data=digits", "model=rednet18", "data.batch_size=32", "trainer.max_epochs=2", "trainer.limit_train_batches=2",
-        "trainer.limit_val_batches=2", *FAST]
+TINY = tiny(data="digits", batch_size=32, epochs=2, train_batches=2, val_batches=2)
 
 
 def summary_of(lines: list[str]) -> dict:

@@ -6,8 +6,9 @@ import re
 import pytest
 import torch
 
-from rednet.ops import available_impls, involution, output_size
+from rednet.ops import available_impls, involution
 from scripts.benchmark import peak_bytes
+from tests.conftest import assert_all_close, involution_inputs
 from tests.reference import involution_reference
 
 CPU_IMPLS = available_impls("cpu")
@@ -22,14 +23,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def make_inputs(b, c, h, w, groups, kernel_size, stride=1, dilation=1, dtype=torch.float32, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    ho, wo = output_size(h, kernel_size, stride, dilation), output_size(w, kernel_size, stride, dilation)
-    x = torch.randn(b, c, h, w, generator=gen, dtype=dtype)
-    weight = torch.randn(b, groups, kernel_size * kernel_size, ho, wo, generator=gen, dtype=dtype)
-    return x, weight
 
 
 def random_like(t, seed=1):
@@ -53,10 +46,7 @@ def reference(x, weight, kernel_size, stride=1, dilation=1, grad_out=None):
 
 def assert_matches(actual, expected, rtol, atol_scale):
     """``actual`` (out, grad_x, grad_w) against the reference; atol is relative to each tensor's largest value."""
-    for name, got, want in zip(("out", "grad_x", "grad_w"), actual, expected):
-        assert got.shape == want.shape, name
-        torch.testing.assert_close(got.double(), want, rtol=rtol, atol=atol_scale * float(want.abs().max()),
-                                   msg=lambda m: f"{name}: {m}")
+    assert_all_close(actual, expected, ("out", "grad_x", "grad_w"), rtol, atol_scale=atol_scale)
 
 
 def test_reference_on_known_answers():
@@ -80,7 +70,7 @@ def test_reference_on_known_answers():
     expected[..., :2, 1:] = x[:1, :1, 2::2, 0:4:2]
     torch.testing.assert_close(out, expected, rtol=0, atol=0)
 
-    x, weight = make_inputs(2, 6, 9, 7, 3, 5, 2, 1, dtype=torch.float64)
+    x, weight = involution_inputs(2, 6, 9, 7, 3, 5, 2, 1, dtype=torch.float64)
     grad_out = random_like(involution_reference(x, weight, 5, 2))
     out, grad_x, grad_w = involution_reference(x, weight, 5, 2, grad_out=grad_out)
     inner = (out * grad_out).sum()
@@ -113,7 +103,7 @@ GRADCHECK_CASES = [
 @pytest.mark.parametrize("case", GRADCHECK_CASES, ids=lambda c: "b{}c{}h{}w{}g{}k{}s{}d{}".format(*c))
 def test_matches_reference_float64(impl, case):
     b, c, h, w, groups, k, s, d = case
-    x, weight = make_inputs(b, c, h, w, groups, k, s, d, dtype=torch.float64)
+    x, weight = involution_inputs(b, c, h, w, groups, k, s, d, dtype=torch.float64)
     assert_matches(forward_and_grads(impl, x, weight, k, s, d), reference(x, weight, k, s, d), 1e-10, 1e-12)
 
 
@@ -130,7 +120,7 @@ REDNET_CASES = [
 @pytest.mark.parametrize("case", REDNET_CASES, ids=lambda c: "b{}c{}h{}w{}g{}k{}s{}".format(*c))
 def test_matches_reference_float32(impl, case):
     b, c, h, w, groups, k, s = case
-    x, weight = make_inputs(b, c, h, w, groups, k, s)
+    x, weight = involution_inputs(b, c, h, w, groups, k, s)
     assert_matches(forward_and_grads(impl, x, weight, k, s), reference(x, weight, k, s), 1e-4, 1e-5)
 
 
@@ -144,7 +134,7 @@ def _noncontiguous(t):
 @pytest.mark.parametrize("impl", CPU_IMPLS)
 @pytest.mark.parametrize("stride", [1, 2])
 def test_layouts_give_the_same_result(impl, stride):
-    x, weight = make_inputs(2, 32, 11, 9, 4, 5, stride)
+    x, weight = involution_inputs(2, 32, 11, 9, 4, 5, stride)
     expected = reference(x, weight, 5, stride)
     grad_out = random_like(expected[0]).float()
     variants = {
@@ -164,7 +154,7 @@ def test_layouts_give_the_same_result(impl, stride):
 
 @pytest.mark.parametrize("impl", CPU_IMPLS)
 def test_bfloat16_autocast(impl):
-    x, weight = make_inputs(2, 32, 12, 10, 2, 7, 1)
+    x, weight = involution_inputs(2, 32, 12, 10, 2, 7, 1)
     grad = random_like(torch.empty(2, 32, 12, 10))
     ref_out, ref_gx, ref_gw = reference(x, weight, 7, grad_out=grad)
     xr, wr = x.clone().requires_grad_(), weight.clone().requires_grad_()
@@ -180,7 +170,7 @@ def test_bfloat16_autocast(impl):
 @pytest.mark.parametrize("impl", CPU_IMPLS)
 @pytest.mark.parametrize("stride", [1, 2])
 def test_float16_inputs(impl, stride):
-    x, weight = make_inputs(2, 32, 12, 10, 2, 7, stride)
+    x, weight = involution_inputs(2, 32, 12, 10, 2, 7, stride)
     x, weight = x.half(), weight.half()
     grad = random_like(torch.empty(2, 32, *weight.shape[-2:])).half()
     out, grad_x, grad_w = forward_and_grads(impl, x, weight, 7, stride, grad_out=grad)
@@ -192,7 +182,7 @@ def test_float16_inputs(impl, stride):
 
 @pytest.mark.parametrize("impl", CPU_IMPLS)
 def test_gradient_of_one_input_only(impl):
-    x, weight = make_inputs(1, 8, 6, 6, 2, 3)
+    x, weight = involution_inputs(1, 8, 6, 6, 2, 3)
     grad = random_like(torch.empty(1, 8, 6, 6))
     _, want_gx, want_gw = reference(x, weight, 3, grad_out=grad)
     xr = x.clone().requires_grad_()
@@ -210,7 +200,7 @@ def _peak_extra_bytes(fn):
 
 
 def test_shift_forward_is_memory_lean():
-    x, weight = make_inputs(4, 64, 32, 32, 4, 7)
+    x, weight = involution_inputs(4, 64, 32, 32, 4, 7)
     out_bytes = x.numel() * x.element_size()
     with torch.no_grad():
         extra = _peak_extra_bytes(lambda: involution(x, weight, 7, impl="shift"))
@@ -220,7 +210,7 @@ def test_shift_forward_is_memory_lean():
 
 
 def test_error_even_kernel_size():
-    x, weight = make_inputs(1, 8, 6, 6, 2, 3)
+    x, weight = involution_inputs(1, 8, 6, 6, 2, 3)
     with pytest.raises(ValueError, match="kernel_size must be odd"):
         involution(x, torch.randn(1, 2, 16, 6, 6), 4)
 
@@ -240,7 +230,7 @@ def test_error_wrong_weight_shape():
 
 
 def test_error_unknown_impl():
-    x, weight = make_inputs(1, 8, 6, 6, 2, 3)
+    x, weight = involution_inputs(1, 8, 6, 6, 2, 3)
     with pytest.raises(ValueError, match="unknown involution impl 'nope'"):
         involution(x, weight, 3, impl="nope")
 
@@ -248,7 +238,7 @@ def test_error_unknown_impl():
 def _layout_cases(stride):
     """NCHW inputs, and a channels_last model's: an NHWC x and a weight viewed from an NHWC conv output."""
     k, groups = 3, 2
-    x, weight = make_inputs(2, 8, 7, 5, groups, k, stride)
+    x, weight = involution_inputs(2, 8, 7, 5, groups, k, stride)
     b, _, kk, ho, wo = weight.shape
     w_cl = weight.reshape(b, groups * kk, ho, wo).contiguous(memory_format=torch.channels_last)
     return [(x, weight), (x.contiguous(memory_format=torch.channels_last), w_cl.view(b, groups, kk, ho, wo))]
@@ -275,13 +265,13 @@ def test_custom_operator_passes_opcheck(impl, stride):
     (dict(kernel_size=3, dilation=1.0), "dilation must be a positive integer, got 1.0"),
 ])
 def test_error_bad_geometry(kwargs, message):
-    x, weight = make_inputs(1, 8, 6, 6, 2, 3)
+    x, weight = involution_inputs(1, 8, 6, 6, 2, 3)
     with pytest.raises(ValueError, match=re.escape(message)):
         involution(x, weight, **kwargs)
 
 
 def test_error_integer_tensors():
-    x, weight = make_inputs(1, 8, 6, 6, 2, 3)
+    x, weight = involution_inputs(1, 8, 6, 6, 2, 3)
     with pytest.raises(ValueError, match="must be floating point, got torch.int64 and torch.int64"):
         involution(x.long(), weight.long(), 3)
 
@@ -290,7 +280,7 @@ def test_error_integer_tensors():
 @pytest.mark.parametrize("impl", CPU_IMPLS)
 def test_empty_batch(impl, stride):
     # As for a convolution: an all-unreadable batch (data.bad_images=skip) reaches the model empty.
-    x, weight = make_inputs(0, 8, 7, 5, 2, 3, stride)
+    x, weight = involution_inputs(0, 8, 7, 5, 2, 3, stride)
     out, grad_x, grad_w = forward_and_grads(impl, x, weight, 3, stride)
     assert out.shape == (0, 8, *weight.shape[-2:]) and grad_x.shape == x.shape and grad_w.shape == weight.shape
 

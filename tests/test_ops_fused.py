@@ -25,7 +25,7 @@ from rednet.ops import (  # noqa: E402
     involution_unfold,
     output_size,
 )
-from tests.conftest import compose_config  # noqa: E402
+from tests.conftest import assert_all_close, compose_config
 
 
 @pytest.fixture(autouse=True)
@@ -58,7 +58,7 @@ def fused_calls(monkeypatch):
     return calls
 
 
-def make_inputs(b, c, groups, cr, h, w, k, s, d, dtype=torch.float64, seed=0):
+def fused_inputs(b, c, groups, cr, h, w, k, s, d, dtype=torch.float64, seed=0):
     gen = torch.Generator().manual_seed(seed)
     ho, wo = output_size(h, k, s, d), output_size(w, k, s, d)
 
@@ -88,12 +88,7 @@ NAMES = ("out", "grad_x", "grad_reduced", "grad_weight", "grad_bias")
 
 
 def assert_matches(got, want, rtol, dtype):
-    for name, g, r in zip(NAMES, got, want):
-        assert g.dtype == dtype and g.shape == r.shape, name
-        assert not g.isnan().any(), f"{name}: unwritten (NaN-poisoned) elements"
-        # Relative to the tensor's scale: a sum of many terms can cancel to near zero.
-        torch.testing.assert_close(g.double(), r, rtol=rtol, atol=rtol * r.abs().max().item(),
-                                   msg=lambda m: f"{name}: {m}")
+    assert_all_close(got, want, NAMES, rtol, atol_scale=rtol, dtype=dtype)
 
 
 # (B, C, G, Cr, H, W, K, stride, dilation): odd, non-square maps that span several of the
@@ -112,14 +107,14 @@ CASES = [
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "b{}c{}g{}cr{}h{}w{}k{}s{}d{}".format(*c))
 def test_float64_matches_unfused(case, fused_calls):
     *shape, k, s, d = case
-    inputs = make_inputs(*shape, k, s, d, seed=sum(case))
+    inputs = fused_inputs(*shape, k, s, d, seed=sum(case))
     assert_matches(fused(*inputs, k, s, d), reference(*inputs, k, s, d), rtol=1e-10, dtype=torch.float64)
     assert len(fused_calls) == 1
 
 
 @pytest.mark.parametrize("k, s", [(7, 1), (3, 2)])
 def test_float32_matches_unfused(k, s):
-    inputs = make_inputs(2, 4, 2, 6, 9, 7, k, s, 1, dtype=torch.float32, seed=k + s)
+    inputs = fused_inputs(2, 4, 2, 6, 9, 7, k, s, 1, dtype=torch.float32, seed=k + s)
     assert_matches(fused(*inputs, k, s, 1), reference(*inputs, k, s, 1), rtol=1e-5, dtype=torch.float32)
 
 
@@ -130,7 +125,7 @@ def test_bfloat16_under_autocast_accumulates_in_float32():
     # stored in bfloat16 as the unfused layer stores it): 3.6e-3 at most here. Summing a group's 16
     # channels into the kernel gradient in bfloat16 instead gives 3e-2.
     k, s = 7, 1
-    inputs = make_inputs(1, 16, 1, 8, 9, 8, k, s, 1, dtype=torch.float32, seed=3)
+    inputs = fused_inputs(1, 16, 1, 8, 9, 8, k, s, 1, dtype=torch.float32, seed=3)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         got = fused(*inputs, k, s, 1)
     rounded = [t.to(torch.bfloat16) for t in inputs]
@@ -145,7 +140,7 @@ def test_bfloat16_under_autocast_accumulates_in_float32():
 def test_backward_is_deterministic():
     # Eight images: eight weight-gradient partial sums in the interpreter, whose float32 total
     # depends on the order they are added in (summing them in a random order fails this test).
-    inputs = make_inputs(8, 2, 1, 3, 5, 4, 3, 1, 1, dtype=torch.float32, seed=5)
+    inputs = fused_inputs(8, 2, 1, 3, 5, 4, 3, 1, 1, dtype=torch.float32, seed=5)
     first, second = fused(*inputs, 3, 1, 1), fused(*inputs, 3, 1, 1)
     for name, a, b in zip(NAMES, first, second):
         assert torch.equal(a, b), name
@@ -155,7 +150,7 @@ def test_only_the_requested_gradients():
     # A frozen generator (weight and bias without grad) and a frozen input: the backward computes
     # only grad_reduced, and it is still right.
     k, s = 3, 2
-    x, reduced, weight, bias, grad_out = make_inputs(1, 4, 2, 3, 9, 7, k, s, 1, seed=6)
+    x, reduced, weight, bias, grad_out = fused_inputs(1, 4, 2, 3, 9, 7, k, s, 1, seed=6)
     reduced.requires_grad_()
     out = fused_involution(x, reduced, weight, bias, k, s)
     (grad_r,) = torch.autograd.grad(out, reduced, grad_out)
@@ -164,7 +159,7 @@ def test_only_the_requested_gradients():
 
 def test_channels_last_is_read_in_place_and_kept():
     k, s = 3, 1
-    inputs = make_inputs(2, 4, 2, 3, 7, 9, k, s, 1, seed=7)
+    inputs = fused_inputs(2, 4, 2, 3, 7, 9, k, s, 1, seed=7)
     x, reduced, weight = (t.contiguous(memory_format=torch.channels_last) for t in inputs[:3])
     got = fused(x, reduced, weight, inputs[3], inputs[4], k, s, 1)
     assert got[0].is_contiguous(memory_format=torch.channels_last) and not got[0].is_contiguous()
@@ -175,14 +170,14 @@ def test_channels_last_is_read_in_place_and_kept():
 
 
 def test_empty_batch():
-    x, reduced, weight, bias, grad_out = make_inputs(0, 4, 2, 3, 7, 5, 3, 1, 1)
+    x, reduced, weight, bias, grad_out = fused_inputs(0, 4, 2, 3, 7, 5, 3, 1, 1)
     got = fused(x, reduced, weight, bias, grad_out, 3, 1, 1)
     assert got[0].shape == (0, 4, 7, 5) and got[1].shape == x.shape and got[2].shape == reduced.shape
     assert torch.equal(got[3], torch.zeros_like(weight)) and torch.equal(got[4], torch.zeros_like(bias))
 
 
 def test_bad_arguments_are_refused():
-    x, reduced, weight, bias, _ = make_inputs(1, 4, 2, 3, 7, 5, 3, 1, 1)
+    x, reduced, weight, bias, _ = fused_inputs(1, 4, 2, 3, 7, 5, 3, 1, 1)
     with pytest.raises(ValueError, match=r"weight must be a 1x1 convolution's \(G\*K\*K, Cr, 1, 1\) with Cr = 3"):
         fused_involution(x, reduced, weight[:, :2], bias, 3)
     with pytest.raises(ValueError, match=r"bias must be \(18,\)"):
@@ -196,7 +191,7 @@ def test_bad_arguments_are_refused():
 def test_custom_operator_passes_opcheck():
     # torch.compile trusts the fake kernels (shapes, layouts) and the autograd registration.
     k, s = 3, 2
-    x, reduced, weight, bias, grad_out = make_inputs(1, 1, 1, 2, 5, 4, k, s, 1, dtype=torch.float32, seed=8)
+    x, reduced, weight, bias, grad_out = fused_inputs(1, 1, 1, 2, 5, 4, k, s, 1, dtype=torch.float32, seed=8)
     leaves = [t.requires_grad_() for t in (x, reduced, weight, bias)]
     torch.library.opcheck(torch.ops.rednet.involution_fused.default, (*leaves, k, s, 1))
     torch.library.opcheck(torch.ops.rednet.involution_fused_backward.default,
@@ -297,14 +292,14 @@ def test_config_rejects_the_option_for_resnets():
 def test_rednet_stage_shapes_float32(s):
     # A stage-3-like layer at a reduced size: 64 channels in 4 groups, Cr = 16, K = 7, a 14x14 map
     # (several 4x4 grad-x tiles, halos clipped at the map's edge).
-    inputs = make_inputs(1, 64, 4, 16, 14, 14, 7, s, 1, dtype=torch.float32, seed=10 + s)
+    inputs = fused_inputs(1, 64, 4, 16, 14, 14, 7, s, 1, dtype=torch.float32, seed=10 + s)
     assert_matches(fused(*inputs, 7, s, 1), reference(*inputs, 7, s, 1), rtol=1e-5, dtype=torch.float32)
 
 
 @pytest.mark.slow
 def test_gradcheck_float64():
     k, s = 3, 2
-    x, reduced, weight, bias, _ = make_inputs(1, 2, 1, 2, 5, 4, k, s, 1, seed=11)
+    x, reduced, weight, bias, _ = fused_inputs(1, 2, 1, 2, 5, 4, k, s, 1, seed=11)
     leaves = [t.requires_grad_() for t in (x, reduced, weight, bias)]
     assert torch.autograd.gradcheck(lambda *a: fused_involution(*a, k, s), leaves, fast_mode=True)
 

@@ -21,20 +21,14 @@ import torch.nn.functional as F
 
 pytest.importorskip("triton", reason="triton is not installed; the fused kernels register only with it")
 
-from rednet.ops import available_impls, involution, output_size  # noqa: E402
+from rednet.ops import available_impls, involution  # noqa: E402
+from tests.conftest import assert_all_close, involution_inputs  # noqa: E402
 from tests.reference import involution_reference  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
 def interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-
-
-def make_inputs(b, c, groups, h, w, k, s, d, dtype=torch.float32, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(b, c, h, w, generator=gen).to(dtype)
-    weight = torch.randn(b, groups, k * k, output_size(h, k, s, d), output_size(w, k, s, d), generator=gen).to(dtype)
-    return x, weight
 
 
 def forward_and_grads(impl, x, weight, k, s, d, grad_out=None):
@@ -50,9 +44,7 @@ def assert_matches_reference(x, weight, k, s, d, rtol=1e-5, atol=1e-5):
     got = forward_and_grads("triton", x, weight, k, s, d)
     want = involution_reference(x, weight, k, s, d, grad_out=torch.randn(
         got[0].shape, generator=torch.Generator().manual_seed(1)).to(got[0].dtype))
-    for name, g, r in zip(("out", "grad_x", "grad_weight"), got, want):
-        assert g.dtype == x.dtype and g.shape == r.shape, name
-        torch.testing.assert_close(g.double(), r, rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
+    assert_all_close(got, want, ("out", "grad_x", "grad_weight"), rtol, atol=atol, dtype=x.dtype)
 
 
 def test_registered_only_when_interpreting(monkeypatch):
@@ -67,7 +59,7 @@ def test_registered_only_when_interpreting(monkeypatch):
 @pytest.mark.parametrize("d", [1, 2])
 def test_fp32_matches_reference(k, s, d):
     b, h, w = (1, 11, 9) if k == 7 else (2, 9, 7)
-    assert_matches_reference(*make_inputs(b, 8, 2, h, w, k, s, d), k, s, d)
+    assert_matches_reference(*involution_inputs(b, 8, h, w, 2, k, s, d), k, s, d)
 
 
 # Group widths of 12 (two channel blocks, the second partial), 3 and 1, and a 13x11 image that
@@ -75,12 +67,12 @@ def test_fp32_matches_reference(k, s, d):
 @pytest.mark.parametrize("c, groups", [(12, 1), (9, 3), (4, 4)])
 @pytest.mark.parametrize("k, s, d", [(3, 1, 1), (5, 2, 2)])
 def test_group_widths_and_blocks(c, groups, k, s, d):
-    assert_matches_reference(*make_inputs(1, c, groups, 13, 11, k, s, d), k, s, d)
+    assert_matches_reference(*involution_inputs(1, c, 13, 11, groups, k, s, d), k, s, d)
 
 
 def test_non_contiguous_inputs():
     k, s, d = 3, 2, 1
-    x, weight = make_inputs(2, 8, 2, 9, 11, k, s, d)
+    x, weight = involution_inputs(2, 8, 9, 11, 2, k, s, d)
     x_cl = x.to(memory_format=torch.channels_last)
     # A weight that is a slice of a bigger tensor, as a channel split of a conv output would be.
     w_big = torch.cat([weight, torch.randn_like(weight)], dim=2)[:, :, : k * k]
@@ -98,7 +90,7 @@ def test_channels_last_is_read_in_place_and_kept(s):
     # (B, G*K*K, Ho, Wo). The kernels read both through their strides and return the output and
     # gradients in the same layouts, so no layout copies happen around the operator.
     k, d, groups = 3, 1, 2
-    x, weight = make_inputs(2, 8, groups, 9, 7, k, s, d)
+    x, weight = involution_inputs(2, 8, 9, 7, groups, k, s, d)
     x_cl = x.contiguous(memory_format=torch.channels_last)
     b, _, kk, ho, wo = weight.shape
     w_cl = weight.reshape(b, groups * kk, ho, wo).contiguous(memory_format=torch.channels_last)
@@ -115,11 +107,11 @@ def test_channels_last_is_read_in_place_and_kept(s):
 
 
 def test_empty_batch():
-    assert_matches_reference(*make_inputs(0, 8, 2, 7, 5, 3, 2, 1), 3, 2, 1)
+    assert_matches_reference(*involution_inputs(0, 8, 7, 5, 2, 3, 2, 1), 3, 2, 1)
 
 
 def test_backward_is_deterministic():
-    x, weight = make_inputs(1, 12, 1, 13, 11, 3, 1, 1)
+    x, weight = involution_inputs(1, 12, 13, 11, 1, 3, 1, 1)
     first = forward_and_grads("triton", x, weight, 3, 1, 1)
     second = forward_and_grads("triton", x, weight, 3, 1, 1)
     for a, b in zip(first, second):
@@ -127,7 +119,7 @@ def test_backward_is_deterministic():
 
 
 def test_only_the_requested_gradient():
-    x, weight = make_inputs(1, 4, 2, 7, 5, 3, 1, 1)
+    x, weight = involution_inputs(1, 4, 7, 5, 2, 3, 1, 1)
     weight.requires_grad_()
     out = involution(x, weight, 3, 1, 1, impl="triton")
     (grad_w,) = torch.autograd.grad(out.sum(), weight)  # the expanded grad_out of sum() as well
@@ -139,7 +131,7 @@ def test_only_the_requested_gradient():
 def test_gradcheck_float64_exhaustive():
     # Float64 is accumulated in float64, so the full finite-difference Jacobian can be checked;
     # the shape is tiny because each Jacobian column is one interpreted launch.
-    x, weight = make_inputs(1, 2, 1, 3, 4, 3, 2, 1, dtype=torch.float64)
+    x, weight = involution_inputs(1, 2, 3, 4, 1, 3, 2, 1, dtype=torch.float64)
     x.requires_grad_(), weight.requires_grad_()
     assert torch.autograd.gradcheck(lambda a, b: involution(a, b, 3, 2, 1, impl="triton"), (x, weight))
 
@@ -147,7 +139,7 @@ def test_gradcheck_float64_exhaustive():
 @pytest.mark.parametrize("k, s, d, groups", [(3, 1, 1, 2), (3, 2, 2, 1), (5, 1, 2, 3), (7, 2, 1, 1)])
 def test_gradcheck_float64(k, s, d, groups):
     # fast_mode checks random projections of the Jacobian instead of every column.
-    x, weight = make_inputs(1, 6, groups, 7, 6, k, s, d, dtype=torch.float64)
+    x, weight = involution_inputs(1, 6, 7, 6, groups, k, s, d, dtype=torch.float64)
     x.requires_grad_(), weight.requires_grad_()
     assert torch.autograd.gradcheck(lambda a, b: involution(a, b, k, s, d, impl="triton"), (x, weight),
                                     fast_mode=True)
@@ -179,7 +171,7 @@ def _accumulate_in(dtype, x, weight, k, s, d):
 def test_half_precision_accumulates_in_fp32(dtype):
     # K = 7: 49 products per output, enough for low-precision accumulation to drift visibly.
     k, s, d = 7, 1, 1
-    x, weight = make_inputs(1, 16, 1, 9, 11, k, s, d, dtype=dtype)
+    x, weight = involution_inputs(1, 16, 9, 11, 1, k, s, d, dtype=dtype)
     out, grad_x, grad_w = forward_and_grads("triton", x, weight, k, s, d)
     assert out.dtype == grad_x.dtype == grad_w.dtype == dtype
 
@@ -200,7 +192,7 @@ def test_half_precision_accumulates_in_fp32(dtype):
 def test_unsupported_dtype_is_refused():
     # The dispatcher refuses integer tensors for every impl (test_ops.py); a floating dtype the
     # kernels do not support still reaches them and gets their own error.
-    x, weight = make_inputs(1, 2, 1, 5, 5, 3, 1, 1)
+    x, weight = involution_inputs(1, 2, 5, 5, 1, 3, 1, 1)
     fp8 = torch.float8_e4m3fn
     with pytest.raises(TypeError, match="triton involution supports"):
         involution(x.to(fp8), weight.to(fp8), 3, impl="triton")
@@ -224,7 +216,7 @@ def test_import_without_triton():
 def test_custom_operator_passes_opcheck(s):
     # See test_ops.py: torch.compile trusts the fake kernels' layouts; here for the Triton impl.
     k, groups = 3, 2
-    x, weight = make_inputs(1, 4, groups, 6, 5, k, s, 1)
+    x, weight = involution_inputs(1, 4, 6, 5, groups, k, s, 1)
     b, _, kk, ho, wo = weight.shape
     w_view = weight.reshape(b, groups * kk, ho, wo).contiguous(memory_format=torch.channels_last).view(weight.shape)
     for x_, w_ in [(x, weight), (x.contiguous(memory_format=torch.channels_last), w_view)]:

@@ -12,10 +12,10 @@ from rednet.engine.evaluate import evaluate_trained
 from rednet.engine.trainer import Trainer
 from rednet.errors import CheckpointError
 from rednet.models import create_model
-from tests.conftest import FAST, command_config, compose_config
+from tests.conftest import FAST, command_config, compose_config, tiny
 from tests.fakedata import make_cifar, make_imagefolder, write_corrupt_image
 
-TINY = FAST + ["model=rednet18", "trainer.max_epochs=1"]
+TINY = tiny(epochs=1)
 
 
 def test_eval_takes_single_data_keys_on_top_of_the_checkpoint(tmp_path):

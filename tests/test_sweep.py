@@ -8,35 +8,28 @@ import sys
 
 import pytest
 import yaml
-from hydra import compose, initialize_config_dir
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
-from rednet.config import register_configs, validate
+from rednet.config import validate
 from rednet.errors import ConfigError
-from tests.conftest import CONFIG_DIR, FAST, ROOT, compose_config, run_cli
+from tests.conftest import ROOT, compose_config, run_cli, tiny
 
 pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
 
 RECIPES = sorted(p.stem for p in (ROOT / "configs/hparams_search").glob("*.yaml"))
-TINY = [*FAST, "model=rednet18", "trainer.max_epochs=1", "trainer.limit_train_batches=4", "trainer.limit_val_batches=2"]
-
-
-def compose_with_hydra(overrides):
-    register_configs()
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        return compose(config_name="train", overrides=overrides, return_hydra_config=True)
+TINY = tiny(epochs=1, train_batches=4, val_batches=2)
 
 
 def test_recipes():
     assert RECIPES == ["cifar10_optuna", "digits_optuna"]
-    cfg = compose_with_hydra(["hparams_search=digits_optuna"])
+    cfg = compose_config(["hparams_search=digits_optuna"], hydra=True)
     sweeper = cfg.hydra.sweeper
     assert sweeper._target_.endswith("OptunaSweeper") and sweeper.sampler._target_.endswith("TPESampler")
     assert (sweeper.direction, sweeper.n_trials, sweeper.sampler.seed) == ("maximize", 20, 42)
     assert set(sweeper.params) == {"optim.lr", "optim.weight_decay", "trainer.label_smoothing", "sched.warmup_iters"}
     assert (cfg.data.name, cfg.optimized_metric) == ("digits", "best.acc1")
-    cifar = compose_with_hydra(["hparams_search=cifar10_optuna"])
+    cifar = compose_config(["hparams_search=cifar10_optuna"], hydra=True)
     assert (cifar.experiment, cifar.data.name, cifar.model.name) == ("rednet26_cifar10", "cifar10", "rednet26")
     assert set(cifar.hydra.sweeper.params) == set(sweeper.params)
 
@@ -44,7 +37,7 @@ def test_recipes():
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_every_value_a_recipe_can_sample_is_valid(recipe):
     """A range's ends and every step of it pass validate(): no trial of a recipe fails by design."""
-    params = compose_with_hydra([f"hparams_search={recipe}"]).hydra.sweeper.params
+    params = compose_config([f"hparams_search={recipe}"], hydra=True).hydra.sweeper.params
     cfg = compose_config([f"hparams_search={recipe}"])
     for key, spec in params.items():
         sweep = OverridesParser.create().parse_override(f"{key}={spec}").value()

@@ -11,11 +11,10 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from rednet.engine.trainer import Trainer
 from rednet.io import read_checkpoint
-from tests.conftest import FAST, compose_config, run_cli
+from tests.conftest import compose_config, run_cli, tiny
 from tests.fakedata import make_cifar, make_imagefolder
 
-TINY = FAST + ["model=rednet18", "data.batch_size=32", "trainer.limit_train_batches=3",
-               "trainer.limit_val_batches=2"]
+TINY = tiny(batch_size=32, train_batches=3, val_batches=2)
 
 
 def train(tmp_path, overrides, name="run"):

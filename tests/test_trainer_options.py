@@ -17,11 +17,10 @@ from rednet.engine.trainer import Trainer
 from rednet.errors import ConfigError
 from rednet.io import read_checkpoint
 from rednet.models import Involution
-from tests.conftest import FAST, compose_config
+from tests.conftest import compose_config, tiny
 
 BATCH, STEPS, SMOOTHING, CLIP, EMA_DECAY = 32, 4, 0.2, 0.05, 0.3
-TINY = FAST + ["data=digits", "model=rednet18", f"data.batch_size={BATCH}", "trainer.max_epochs=1",
-               "trainer.limit_val_batches=1"]
+TINY = tiny(data="digits", batch_size=BATCH, epochs=1, val_batches=1)
 OPTIONS = [f"trainer.limit_train_batches={STEPS}", f"trainer.label_smoothing={SMOOTHING}",
            f"trainer.grad_clip={CLIP}", "trainer.ema=true", f"trainer.ema_decay={EMA_DECAY}"]
 

@@ -15,7 +15,7 @@ from PIL import Image, ImageFile
 from rednet.data import build_datamodule, safe_pickle
 from rednet.data.cifar import MAX_FILE_BYTES
 from rednet.errors import DataError
-from tests.conftest import data_cfg, folder_cfg, raises_one_line, run_cli
+from tests.conftest import RunsCommand, data_cfg, folder_cfg, raises_one_line, run_cli
 from tests.fakedata import make_cifar, make_imagefolder, write_corrupt_image
 
 CIFAR_FILES = [("cifar10", "cifar-10-batches-py", name) for name in ("data_batch_1", "test_batch", "batches.meta")] + \
@@ -26,16 +26,6 @@ def load_everything(name, root):
     """What train.py reads: the meta file at build time, then the training and validation batches."""
     dm = build_datamodule(data_cfg(name, root=root, download=False))
     return dm.train_set, dm.val_set
-
-
-class RunsCommand:
-    """Unpickling this runs ``command`` in a shell, as a planted CIFAR file would."""
-
-    def __init__(self, command):
-        self.command = command
-
-    def __reduce__(self):
-        return os.system, (self.command,)
 
 
 def plant(path, payload, protocol=2):

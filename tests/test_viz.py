@@ -18,11 +18,10 @@ from rednet.models import create_model
 from rednet.visualize import visualize_checkpoint
 from rednet.viz import capture_kernels, kernel_heatmaps, kernels_at
 from rednet.viz.kernels import map_position
-from tests.conftest import FAST, command_config, compose_config, run_cli
+from tests.conftest import FAST, command_config, compose_config, run_cli, tiny
 from tests.fakedata import make_imagefolder
 
-TINY = FAST + ["model=rednet18", "data=digits", "data.batch_size=16", "trainer.limit_train_batches=2",
-               "trainer.limit_val_batches=1"]
+TINY = tiny(data="digits", batch_size=16, train_batches=2, val_batches=1)
 
 
 @pytest.fixture(scope="module")
