@@ -32,7 +32,7 @@ TIMEOUT = 900
 
 
 def torchrun(run_dir: Path, *torchrun_args: str) -> subprocess.Popen:
-    """The README's line; its output (the log and the errors) all on stdout."""
+    """The line of docs/scaling.md, "One command for every start"; its output (the log and the errors) on stdout."""
     return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                              *torchrun_args, str(ROOT / "train.py"), *RUN, f"hydra.run.dir={run_dir}"],
                             cwd=run_dir.parent, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
