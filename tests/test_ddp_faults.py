@@ -32,8 +32,9 @@ TIMEOUT = 900
 
 
 def torchrun(run_dir: Path, *torchrun_args: str, own_store: bool = True) -> subprocess.Popen:
-    """The README's line; its output (the log and the errors) all on stdout. ``own_store=False``:
-    torchrun's default, which lends its store to the workers and keeps it across restarts."""
+    """The line of docs/scaling.md, "One command for every start"; its output (the log and the
+    errors) all on stdout. ``own_store=False``: torchrun's default, which lends its store to the
+    workers and keeps it across restarts."""
     env = {k: v for k, v in os.environ.items() if k != "TORCH_DISABLE_SHARE_RDZV_TCP_STORE"}
     if own_store:
         env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"

@@ -10,8 +10,8 @@ first 1x1 convolution, BatchNorm and ReLU) and ``weight`` (G*K*K, Cr, 1, 1) and 
 kernel map (3.06 times the activation for K = 7 and 16 channels per group), reads it twice and
 writes and reads its gradient twice more. Here every kernel value is formed in registers by a
 ``tl.dot`` over a tile of pixels ([K*K x Cr] @ [Cr x pixels], one group at a time) and used where
-it is formed; the backward recomputes it instead of saving it. See KERNEL_NOTES.md beside this
-file for the byte counts and the register budget behind the tiling.
+it is formed; the backward recomputes it instead of saving it. See docs/benchmarks.md ("Involution
+kernels") for the byte counts and the register budget behind the tiling.
 
 The backward returns the gradients of x, reduced, weight and bias. It is deterministic: every
 output element is written by one program, and the weight gradient, a sum over all pixels, is
@@ -47,7 +47,7 @@ _INTERPRET_META = {
     "grad_weight": dict(BLOCK_P=32),
 }
 _INTERPRET_TILE = (4, 4)  # the grad-x kernel's input tile (rows, columns) in the interpreter
-_GPU_TILE = (8, 8)  # ... and on the GPU: a 14x14 halo for K = 7, padded to 256 (KERNEL_NOTES.md)
+_GPU_TILE = (8, 8)  # ... and on the GPU: a 14x14 halo for K = 7, padded to 256 (docs/benchmarks.md)
 # The weight-gradient kernel runs GROUPS x chunks programs. More programs hide more latency but
 # each one writes a (K*K, Cr) partial sum: about 2 per SM keeps that buffer under a few MB.
 _WEIGHT_GRAD_PROGRAMS_PER_SM = 2
@@ -304,7 +304,7 @@ def _configs(tiles, names) -> list:
 
 
 def _prune(configs, named_args, **kwargs):
-    """Drops tiles far larger than the problem, and those over the register budget (KERNEL_NOTES.md)."""
+    """Drops tiles far larger than the problem, and those over the register budget (docs/benchmarks.md)."""
     pixels = _pad(named_args["N_PIX"]) if "N_PIX" in named_args else 1 << 30
     groups = triton.next_power_of_2(named_args["GROUPS"])
     kk_pad, cr_pad = kwargs["KK_PAD"], kwargs["CR_PAD"]
