@@ -140,8 +140,8 @@ PROMISED = {
                   "python train.py model=rednet26 data=cifar10",
                   "python eval.py ckpt=", "python export.py ckpt=", "python visualize.py ckpt="],
     "docs/scaling.md": ["torchrun --nproc_per_node=2 train.py trainer=ddp data=digits",
-                        "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 torchrun --standalone --nproc_per_node=8 "
-                        "--max-restarts=3",
+                        "torchrun --standalone --nproc_per_node=8 --max-restarts=3",
+                        "srun bash -c 'TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 torchrun --nnodes=$SLURM_NNODES",
                         "hydra.run.dir=outputs/rednet26-in1k resume=if_exists",
                         "python train.py -m hydra/launcher=submitit_local_ddp trainer=ddp data=digits",
                         "torchrun --standalone --nproc_per_node=8 eval.py trainer=ddp ckpt="],
