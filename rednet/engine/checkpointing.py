@@ -9,6 +9,7 @@ every process's random generators, the resolved config, the metrics and the clas
 
 from __future__ import annotations
 
+import math
 import os
 import random
 import signal
@@ -89,6 +90,7 @@ class Checkpoints:
     cfg: DictConfig
     dist: distributed.DistInfo
     ckpt_dir: Path
+    steps_per_epoch: int
     stop_signal: int | None
     saved: tuple[Path, int, int, int] | None  # the newest last.pt: (path, epoch, batch, step)
     resumed_from: Path | None
@@ -168,6 +170,7 @@ class Checkpoints:
             if name is not None and name != self.cfg[group].name:
                 raise CheckpointError(f"{path} was trained with {group}={name}, not {group}={self.cfg[group].name}; "
                                       f"resume with {group}={name}, or start a new run")
+        self.check_warmup(path, (trained.get("sched") or {}).get("warmup_iters"), ckpt["step"])
         check_class_names(ckpt.get("class_names"), self.class_names, str(path), f"data={self.cfg.data.name}")
         load_weights(self.model, ckpt["model"], name=str(path))
         try:
@@ -206,6 +209,19 @@ class Checkpoints:
             self.log(f"warning: {path} has trained {self.epoch} epochs and trainer.max_epochs="
                      f"{self.cfg.trainer.max_epochs}: nothing is left to train, its metrics are reported as they are; "
                      f"raise trainer.max_epochs to train on")
+
+    def check_warmup(self, path: Path, warmup_iters: int | None, step: int) -> None:
+        """A checkpoint from before the warmup was given in epochs says ``sched.warmup_iters``. Its run
+        continues on its own schedule only if ``sched.warmup_epochs`` is the same length; that matters
+        only while either warmup is not over, so a run past both resumes as it is."""
+        if warmup_iters is None:
+            return
+        was, now = warmup_iters / self.steps_per_epoch, self.cfg.sched.warmup_epochs
+        if not math.isclose(was, now, rel_tol=1e-3, abs_tol=1e-9) and step < max(warmup_iters,
+                                                                                  now * self.steps_per_epoch):
+            raise CheckpointError(f"{path} was trained with sched.warmup_iters={warmup_iters}, which is "
+                                  f"{was:.4g} epochs of {self.steps_per_epoch} steps; warmups are in epochs now: "
+                                  f"resume with sched.warmup_epochs={was:.4g}, or start a new run")
 
     # -- signals ----------------------------------------------------------------------------------
 
