@@ -198,3 +198,41 @@ def test_resume_past_max_epochs_says_nothing_is_left(tmp_path, caplog):
         metrics = Trainer(cfg, tmp_path / "again").fit()
     assert metrics["epoch"] == 1
     assert "has trained 1 epochs and trainer.max_epochs=1: nothing is left to train" in caplog.text
+
+
+def test_best_is_a_hard_link_to_the_last_checkpoint_it_equals(tmp_path):
+    trainer = Trainer(compose_config(RUN + ["trainer.max_epochs=1"]), tmp_path / "run")
+    trainer.fit()  # the first epoch always improves on nothing
+    last, best = tmp_path / "run/checkpoints/last.pt", tmp_path / "run/checkpoints/best.pt"
+    assert last.stat().st_ino == best.stat().st_ino
+    saved = best.read_bytes()
+    # A later epoch that is not the best: last.pt is replaced by a new file, best.pt keeps its bytes.
+    with torch.no_grad():
+        next(trainer.model.parameters()).add_(1.0)
+    trainer.epoch, trainer.step = 2, 99
+    trainer.save("last.pt")
+    assert last.stat().st_ino != best.stat().st_ino and best.read_bytes() == saved
+    assert (read_checkpoint(best)["step"], read_checkpoint(last)["step"]) == (6, 99)
+    assert sorted(p.name for p in last.parent.iterdir()) == ["best.pt", "last.prev.pt", "last.pt"]
+
+
+def test_best_is_a_copy_where_links_fail(tmp_path, monkeypatch):
+    last, best = tmp_path / "last.pt", tmp_path / "best.pt"
+    save_checkpoint({"step": 3}, last)
+    best.write_bytes(b"old")
+
+    def no_links(src, dst):
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(ckpt_io.os, "link", no_links)
+    ckpt_io.link_checkpoint(last, best)
+    assert best.read_bytes() == last.read_bytes() and best.stat().st_ino != last.stat().st_ino
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt", "last.pt"]
+    monkeypatch.setattr(ckpt_io.shutil, "copyfileobj", lambda src, dst: (_ for _ in ()).throw(
+        OSError(errno.ENOSPC, "No space left on device")))
+    with pytest.raises(CheckpointError, match=f"could not write checkpoint {best}: No space left on device; "
+                                              f"the previous checkpoint there is intact"):
+        ckpt_io.link_checkpoint(last, best)
+    assert best.read_bytes() == last.read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt", "last.pt"]
+

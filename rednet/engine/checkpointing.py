@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from rednet.engine import distributed
 from rednet.engine.trained import check_class_names
 from rednet.errors import CheckpointError, UserError
-from rednet.io import read_checkpoint, save_checkpoint
+from rednet.io import link_checkpoint, read_checkpoint, save_checkpoint
 from rednet.models import load_weights
 
 
@@ -119,13 +119,19 @@ class Checkpoints:
 
     def save(self, name: str) -> None:
         """Only rank 0 writes; every rank waits so that no rank races ahead of a checkpoint.
-        ``last.pt`` keeps its predecessor as ``last.prev.pt``; ``best.pt`` needs no second copy."""
+        ``last.pt`` keeps its predecessor as ``last.prev.pt``."""
         rng_by_rank = distributed.all_gather_object(rng_state(), self.dist)
         if self.dist.is_main:
             save_checkpoint(self.state(rng_by_rank), self.ckpt_dir / name, keep_previous=name == "last.pt")
         if name == "last.pt":
             self.saved = (self.ckpt_dir / name, self.epoch, self.batch_in_epoch, self.step)
         distributed.barrier(self.dist)
+
+    def save_best(self) -> None:
+        """``best.pt`` after :meth:`save` wrote ``last.pt`` with the same state: a hard link to it, not a
+        second serialisation. Replacing ``last.pt`` later makes a new file and leaves ``best.pt`` be."""
+        if self.dist.is_main:
+            link_checkpoint(self.ckpt_dir / "last.pt", self.ckpt_dir / "best.pt")
 
     def checkpoint_to_resume(self) -> Path | None:
         """The checkpoint that ``resume`` names, or None for a fresh start.

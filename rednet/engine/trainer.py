@@ -153,7 +153,7 @@ class Trainer(Checkpoints):
                 self.record_epoch(train, val, val_ema)
                 self.save("last.pt")
                 if is_best:
-                    self.save("best.pt")
+                    self.save_best()
                 if self.epoch < t.max_epochs and self.stop_requested():
                     raise Interrupted(f"stopped by {signal.Signals(self.stop_signal).name} after epoch {self.epoch}; "
                                       f"saved {self.ckpt_dir / 'last.pt'}; {self.resume_hint()}", self.stop_signal)
