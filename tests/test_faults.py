@@ -236,3 +236,34 @@ def test_best_is_a_copy_where_links_fail(tmp_path, monkeypatch):
     assert best.read_bytes() == last.read_bytes()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt", "last.pt"]
 
+
+def test_summary_speed_counts_only_what_this_process_trained(tmp_path, monkeypatch):
+    """A checkpoint taken between training and validation (a SIGTERM there) resumes with that epoch
+    trained: the summary's images/s is the resumed process's own epochs, and the epoch's record keeps
+    the training metrics of the process that trained it."""
+    first = Trainer(compose_config(RUN + ["trainer.max_epochs=3"]), tmp_path / "run")
+    trained = []
+    train_one_epoch = first.train_one_epoch
+
+    def then_sigterm():
+        trained.append(train_one_epoch())
+        if first.epoch == 1:
+            first.stop_signal = signal.SIGTERM
+        return trained[-1]
+
+    monkeypatch.setattr(first, "train_one_epoch", then_sigterm)
+    with pytest.raises(Exception, match="stopped by SIGTERM at epoch 2"):
+        first.fit()
+    last = tmp_path / "run/checkpoints/last.pt"
+    assert (read_checkpoint(last)["epoch"], read_checkpoint(last)["batch_in_epoch"]) == (1, 6)
+
+    resumed = Trainer(compose_config(RUN + ["trainer.max_epochs=3", f"resume={last}"]), tmp_path / "again")
+    speeds, records = [], []
+    monkeypatch.setattr(resumed, "summarize", speeds.append)
+    record_epoch = resumed.record_epoch
+    monkeypatch.setattr(resumed, "record_epoch", lambda train, *rest: (records.append(train),
+                                                                        record_epoch(train, *rest))[1])
+    resumed.fit()
+    assert records[0] == trained[1]  # epoch 2, trained before the stop
+    assert records[1]["images_per_s"] > 0 and records[1] != trained[1]
+    assert speeds == [pytest.approx(records[1]["images_per_s"])]  # epoch 3 alone

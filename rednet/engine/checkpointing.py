@@ -85,7 +85,7 @@ def find_last_checkpoint(cfg: DictConfig, roots=("outputs", "multirun")) -> Path
 class Checkpoints:
     """The trainer's checkpoints, resume and signals. It reads and writes the trainer's state:
     ``model``, ``optimizer``, ``scheduler``, ``scaler``, ``ema``, ``epoch``, ``batch_in_epoch``,
-    ``step``, ``bad_steps``, ``best_acc1``, ``best_epoch``, ``metrics``, ``class_names``."""
+    ``step``, ``bad_steps``, ``best_acc1``, ``best_epoch``, ``metrics``, ``epoch_train``, ``class_names``."""
 
     cfg: DictConfig
     dist: distributed.DistInfo
@@ -95,6 +95,7 @@ class Checkpoints:
     saved: tuple[Path, int, int, int] | None  # the newest last.pt: (path, epoch, batch, step)
     resumed_from: Path | None
     pending_rng: dict | None
+    epoch_train: dict | None  # the current epoch's training metrics, once it is trained
 
     def state(self, rng_by_rank: list[dict]) -> dict:
         return {
@@ -114,6 +115,7 @@ class Checkpoints:
             "rng_by_rank": rng_by_rank if self.dist.enabled else None,
             "config": OmegaConf.to_container(self.cfg, resolve=True, enum_to_str=True),
             "metrics": self.metrics,
+            "epoch_train": self.epoch_train,
             "class_names": self.class_names,
         }
 
@@ -198,6 +200,7 @@ class Checkpoints:
         self.bad_steps = ckpt.get("bad_steps", 0)
         self.best_acc1, self.best_epoch = ckpt.get("best_acc1", -1.0), ckpt.get("best_epoch", -1)
         self.metrics = dict(ckpt.get("metrics") or {})
+        self.epoch_train = ckpt.get("epoch_train")
         # Each rank continues its own generators when the run had as many processes; the data
         # order depends on the process count too, so with another count nothing can be exact.
         saved = ckpt.get("rng_by_rank") or [ckpt["rng"]]

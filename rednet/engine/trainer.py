@@ -114,6 +114,7 @@ class Trainer(Checkpoints):
         self.best_acc1 = -1.0
         self.best_epoch = -1
         self.metrics: dict = {}
+        self.epoch_train: dict | None = None  # the current epoch's training metrics, once it is trained
         self.stop_signal: int | None = None
         self.writer: SummaryWriter | None = None  # made once training starts: a failed start leaves no event file
         self.ckpt_dir = self.run_dir / "checkpoints"
@@ -139,18 +140,22 @@ class Trainer(Checkpoints):
                      f"{self.channels_last}, compile {self.compile}, "
                      f"{self.dist.world_size} process(es)")  # the run folder was logged at start-up
             while self.epoch < t.max_epochs:
-                train = self.train_one_epoch()
+                # After a checkpoint taken between training and validation this epoch is trained already.
+                trains = self.batch_in_epoch < self.steps_per_epoch
+                train = self.epoch_train = self.train_one_epoch()
                 if self.stop_requested():  # validation can take minutes: save the epoch first
                     self.stop()
                 val, val_ema = self.validate()
-                trained_images += train["images_per_s"] * train["epoch_time_s"]
-                train_time += train["epoch_time_s"]
+                if trains:  # the summary's speed is this process's own
+                    trained_images += train["images_per_s"] * train["epoch_time_s"]
+                    train_time += train["epoch_time_s"]
                 self.epoch += 1
                 self.batch_in_epoch = 0
                 is_best = val.acc1 > self.best_acc1
                 if is_best:
                     self.best_acc1, self.best_epoch = val.acc1, self.epoch
                 self.record_epoch(train, val, val_ema)
+                self.epoch_train = None
                 self.save("last.pt")
                 if is_best:
                     self.save_best()
@@ -224,8 +229,8 @@ class Trainer(Checkpoints):
             if self.stop_requested():
                 self.stop()
         bar.close()
-        if nothing_left:
-            return self.metrics.get("train", {"loss": None, "acc1": None, "images_per_s": 0.0, "epoch_time_s": 0.0})
+        if nothing_left:  # the metrics of the process that trained it, which its checkpoint holds
+            return self.epoch_train or {"loss": None, "acc1": None, "images_per_s": 0.0, "epoch_time_s": 0.0}
         elapsed = time.perf_counter() - start
         if seen == 0:  # every batch was skipped (non-finite losses, unreadable images)
             return {"loss": None, "acc1": None, "images_per_s": 0.0, "epoch_time_s": elapsed}
