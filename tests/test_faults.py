@@ -267,3 +267,35 @@ def test_summary_speed_counts_only_what_this_process_trained(tmp_path, monkeypat
     assert records[0] == trained[1]  # epoch 2, trained before the stop
     assert records[1]["images_per_s"] > 0 and records[1] != trained[1]
     assert speeds == [pytest.approx(records[1]["images_per_s"])]  # epoch 3 alone
+
+
+def test_a_ddp_step_makes_one_collective_which_also_carries_the_stop(tmp_path, monkeypatch):
+    """Under DDP (faked: 2 ranks, this one rank 0) a training step makes one all-reduce: keep_batch's,
+    which carries the stop flags too; the epoch adds one for its totals."""
+    from rednet.engine import distributed
+
+    trainer = Trainer(compose_config(RUN + ["trainer.limit_train_batches=3"]), tmp_path / "run")
+    trainer.dist = distributed.DistInfo(rank=0, world_size=2)
+    calls, other_rank_stops_at = [], []
+
+    def all_reduce(tensor, op=None):
+        calls.append(tensor.numel())
+        if tensor.numel() == 3 and len(calls) in other_rank_stops_at:
+            tensor[2] += 1  # rank 1 got a SIGTERM
+
+    monkeypatch.setattr(distributed.dist, "all_reduce", all_reduce)
+    for name in ("broadcast", "barrier", "all_gather_object", "broadcast_object_list", "all_gather"):
+        monkeypatch.setattr(distributed.dist, name, lambda *a, _name=name, **k: calls.append(_name))
+    trainer.train_one_epoch()
+    assert calls == [3] * trainer.steps_per_epoch + [3]  # one per step, and the epoch's totals
+
+    class Stopped(Exception):
+        pass
+
+    monkeypatch.setattr(trainer, "stop", lambda: (_ for _ in ()).throw(Stopped()))
+    calls.clear()
+    other_rank_stops_at.append(2)
+    trainer.epoch, trainer.batch_in_epoch, step = 1, 0, trainer.step
+    with pytest.raises(Stopped):
+        trainer.train_one_epoch()
+    assert (trainer.step - step, len(calls), trainer.stop_signal) == (2, 2, signal.SIGTERM)

@@ -241,16 +241,20 @@ class Checkpoints:
         raise Interrupted(f"stopped by {name} at epoch {self.epoch + 1}, step {self.step}; saved "
                           f"{self.ckpt_dir / 'last.pt'}; {self.resume_hint()}", self.stop_signal)
 
-    def stop_requested(self) -> bool:
+    def stop_requested(self, stopping_ranks: float | None = None) -> bool:
         """Whether a SIGTERM or SIGINT reached this process or, under DDP, any other.
 
         Asked of every rank at the same points, so that all stop after the same step: a rank
-        that stopped alone would leave the others waiting in their next collective.
+        that stopped alone would leave the others waiting in their next collective. Under DDP it
+        sums every rank's flag, unless ``stopping_ranks`` is that sum already (the training step's
+        own reduction carries it); a signal that comes after that sum is seen at the next step.
         """
         if not self.dist.enabled:
             return self.stop_signal is not None
-        flag = torch.tensor([0.0 if self.stop_signal is None else 1.0], device=self.device)
-        if not distributed.all_reduce_sum(flag, self.dist).item():
+        if stopping_ranks is None:
+            flag = torch.tensor([0.0 if self.stop_signal is None else 1.0], device=self.device)
+            stopping_ranks = distributed.all_reduce_sum(flag, self.dist).item()
+        if not stopping_ranks:
             return False
         if self.stop_signal is None:
             self.stop_signal = signal.SIGTERM

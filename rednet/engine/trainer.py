@@ -116,6 +116,7 @@ class Trainer(Checkpoints):
         self.metrics: dict = {}
         self.epoch_train: dict | None = None  # the current epoch's training metrics, once it is trained
         self.stop_signal: int | None = None
+        self.stopping_ranks = 0.0  # ranks with a stop signal, as this step's keep_batch counted them
         self.writer: SummaryWriter | None = None  # made once training starts: a failed start leaves no event file
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.saved: tuple[Path, int, int, int] | None = None  # the newest last.pt: (path, epoch, batch, step)
@@ -226,7 +227,7 @@ class Trainer(Checkpoints):
             if t.save_every_n_steps and self.step % t.save_every_n_steps == 0 and \
                     self.batch_in_epoch < self.steps_per_epoch:
                 self.save("last.pt")
-            if self.stop_requested():
+            if self.stop_requested(self.stopping_ranks):
                 self.stop()
         bar.close()
         if nothing_left:  # the metrics of the process that trained it, which its checkpoint holds
@@ -245,12 +246,13 @@ class Trainer(Checkpoints):
         A batch in which no image could be read (``data.bad_images=skip``) is skipped with a
         warning. A NaN/inf loss skips up to ``trainer.max_bad_steps`` batches, then stops the run.
         The flags are summed over ranks, so every rank takes the same decision: DDP never waits on
-        a rank that skipped.
+        a rank that skipped. The stop flag rides on the same reduction (``stopping_ranks``), so that
+        the end of the step asks no collective of its own.
         """
         empty = batch_size == 0
-        flags = torch.tensor([float(empty), 0.0 if empty or math.isfinite(float(loss.detach())) else 1.0],
-                             device=self.device)
-        empty_ranks, bad = distributed.all_reduce_sum(flags, self.dist).tolist()
+        flags = torch.tensor([float(empty), 0.0 if empty or math.isfinite(float(loss.detach())) else 1.0,
+                              0.0 if self.stop_signal is None else 1.0], device=self.device)
+        empty_ranks, bad, self.stopping_ranks = distributed.all_reduce_sum(flags, self.dist).tolist()
         if empty_ranks:
             # The mean loss of no sample is NaN; that is not the model diverging.
             self.log(f"warning: no readable image in batch {self.batch_in_epoch + 1} of epoch {self.epoch + 1}"
