@@ -143,7 +143,7 @@ class EmptyBatches:
 
 def test_empty_batch_is_skipped_not_counted_as_non_finite(tmp_path, caplog):
     trainer = Trainer(compose_config(FAST + RUN), tmp_path / "run")  # max_bad_steps=0: a NaN would stop it
-    trainer.train_loader = EmptyBatches(trainer.train_loader, {3})
+    trainer.train_batches.loader = EmptyBatches(trainer.train_loader, {3})  # what the device feed reads
     with caplog.at_level("INFO"):
         metrics = trainer.fit()
     assert metrics["epoch"] == 2 and metrics["step"] == 10  # one batch per epoch skipped
