@@ -212,8 +212,7 @@ def _trained_and_config(cfg: DictConfig, script: str):
 def _train(cfg: DictConfig) -> float:
     """One training run. It returns ``optimized_metric`` from the run's metrics: a sweeper's objective."""
     validate(cfg)
-    if cfg.resume is None and submitit.in_job():  # a requeued job runs again in its run folder
-        cfg.resume = "if_exists"
+    cfg.resume = submitit.resume_for_job(cfg.resume, _run_dir())  # a requeued job continues its own run
     with submitit.save_before_requeue():
         metrics = Trainer(cfg, _run_dir()).fit()
     group, key = cfg.optimized_metric.split(".")

@@ -127,7 +127,8 @@ class OptimConfig:
 @dataclass
 class SchedConfig:
     name: Schedule = Schedule.cosine
-    warmup_iters: int = 0  # linear warmup, in optimizer steps
+    # linear warmup, in epochs (fractions allowed): the same schedule at any batch size
+    warmup_epochs: float = 0.0
     warmup_ratio: float = 0.1  # warmup starts at lr * warmup_ratio
     min_lr: float = 0.0  # cosine: the final lr
     milestones: list[int] = field(default_factory=lambda: [30, 60, 80])  # step: epochs
@@ -274,7 +275,7 @@ def validate(cfg: DictConfig | Any) -> None:
         if not value > 0:
             raise ConfigError(f"{key}={value} must be positive")
     nonneg = {"data.num_workers": cfg.data.num_workers or 0, "trainer.label_smoothing": cfg.trainer.label_smoothing,
-              "optim.weight_decay": cfg.optim.weight_decay, "sched.warmup_iters": cfg.sched.warmup_iters,
+              "optim.weight_decay": cfg.optim.weight_decay, "sched.warmup_epochs": cfg.sched.warmup_epochs,
               "trainer.save_every_n_steps": cfg.trainer.save_every_n_steps,
               "trainer.max_bad_steps": cfg.trainer.max_bad_steps}
     for key, value in nonneg.items():

@@ -17,6 +17,7 @@ import json
 import math
 import os
 import pickle
+import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
@@ -114,6 +115,31 @@ def atomic_write_all(files: dict[str | Path, Content], what: str = "", keep_prev
     return paths
 
 
+def link_replace(source: str | Path, target: str | Path, what: str = "") -> Path:
+    """Makes ``target`` the file that ``source`` is now, atomically: a hard link, so that nothing is
+    written twice, or a copy where the filesystem has no hard links. Files here are only ever
+    replaced by a rename, never written in place, so a later replacement of ``source`` leaves
+    ``target`` as it was."""
+    source, target = Path(source), Path(target)
+    tmp = _temporary(target)
+    try:
+        tmp.unlink(missing_ok=True)  # os.link does not overwrite
+        try:
+            os.link(source, tmp)
+        except OSError:
+            with open(source, "rb") as src:
+                _write_temporary(tmp, lambda f: shutil.copyfileobj(src, f))
+        os.replace(tmp, target)
+        _fsync_dir(target.parent)
+    except OSError as e:
+        kept = f"the previous {what or 'file'} there is intact" if target.exists() else "nothing was written there"
+        raise WriteError(f"could not write {what + ' ' if what else ''}{target}: {_reason(e)}; {kept}") from e
+    finally:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+    return target
+
+
 @contextlib.contextmanager
 def atomic_open(path: str | Path, what: str = "") -> Iterator[IO[bytes]]:
     """A binary file to write ``path`` through, for writers that stream (a tar shard, a figure):
@@ -159,6 +185,14 @@ def save_checkpoint(obj: dict[str, Any], path: str | Path, keep_previous: bool =
     """Writes ``obj`` with ``torch.save``; the checkpoint it replaces stays as ``<name>.prev.pt``."""
     try:
         return atomic_write(path, lambda f: torch.save(obj, f), "checkpoint", keep_previous)
+    except WriteError as e:
+        raise CheckpointError(str(e)) from e.__cause__
+
+
+def link_checkpoint(source: str | Path, target: str | Path) -> Path:
+    """``target`` (``best.pt``) becomes the checkpoint ``source`` (``last.pt``) holds, without writing it again."""
+    try:
+        return link_replace(source, target, "checkpoint")
     except WriteError as e:
         raise CheckpointError(str(e)) from e.__cause__
 

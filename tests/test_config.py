@@ -38,7 +38,7 @@ def test_official_imagenet_recipe():
     assert (cfg.model.name, cfg.data.name) == ("rednet26", "imagenet")
     assert (cfg.optim.lr, cfg.optim.base_batch_size, cfg.optim.momentum, cfg.optim.nesterov,
             cfg.optim.weight_decay) == (0.8, 2048, 0.9, True, 1e-4)
-    assert (cfg.sched.name, cfg.sched.warmup_iters, cfg.sched.warmup_ratio) == ("cosine", 3130, 0.25)
+    assert (cfg.sched.name, cfg.sched.warmup_epochs, cfg.sched.warmup_ratio) == ("cosine", 5, 0.25)
     assert (cfg.trainer.max_epochs, cfg.trainer.label_smoothing) == (130, 0.1)
 
 

@@ -198,3 +198,104 @@ def test_resume_past_max_epochs_says_nothing_is_left(tmp_path, caplog):
         metrics = Trainer(cfg, tmp_path / "again").fit()
     assert metrics["epoch"] == 1
     assert "has trained 1 epochs and trainer.max_epochs=1: nothing is left to train" in caplog.text
+
+
+def test_best_is_a_hard_link_to_the_last_checkpoint_it_equals(tmp_path):
+    trainer = Trainer(compose_config(RUN + ["trainer.max_epochs=1"]), tmp_path / "run")
+    trainer.fit()  # the first epoch always improves on nothing
+    last, best = tmp_path / "run/checkpoints/last.pt", tmp_path / "run/checkpoints/best.pt"
+    assert last.stat().st_ino == best.stat().st_ino
+    saved = best.read_bytes()
+    # A later epoch that is not the best: last.pt is replaced by a new file, best.pt keeps its bytes.
+    with torch.no_grad():
+        next(trainer.model.parameters()).add_(1.0)
+    trainer.epoch, trainer.step = 2, 99
+    trainer.save("last.pt")
+    assert last.stat().st_ino != best.stat().st_ino and best.read_bytes() == saved
+    assert (read_checkpoint(best)["step"], read_checkpoint(last)["step"]) == (6, 99)
+    assert sorted(p.name for p in last.parent.iterdir()) == ["best.pt", "last.prev.pt", "last.pt"]
+
+
+def test_best_is_a_copy_where_links_fail(tmp_path, monkeypatch):
+    last, best = tmp_path / "last.pt", tmp_path / "best.pt"
+    save_checkpoint({"step": 3}, last)
+    best.write_bytes(b"old")
+
+    def no_links(src, dst):
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(ckpt_io.os, "link", no_links)
+    ckpt_io.link_checkpoint(last, best)
+    assert best.read_bytes() == last.read_bytes() and best.stat().st_ino != last.stat().st_ino
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt", "last.pt"]
+    monkeypatch.setattr(ckpt_io.shutil, "copyfileobj", lambda src, dst: (_ for _ in ()).throw(
+        OSError(errno.ENOSPC, "No space left on device")))
+    with pytest.raises(CheckpointError, match=f"could not write checkpoint {best}: No space left on device; "
+                                              f"the previous checkpoint there is intact"):
+        ckpt_io.link_checkpoint(last, best)
+    assert best.read_bytes() == last.read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt", "last.pt"]
+
+
+def test_summary_speed_counts_only_what_this_process_trained(tmp_path, monkeypatch):
+    """A checkpoint taken between training and validation (a SIGTERM there) resumes with that epoch
+    trained: the summary's images/s is the resumed process's own epochs, and the epoch's record keeps
+    the training metrics of the process that trained it."""
+    first = Trainer(compose_config(RUN + ["trainer.max_epochs=3"]), tmp_path / "run")
+    trained = []
+    train_one_epoch = first.train_one_epoch
+
+    def then_sigterm():
+        trained.append(train_one_epoch())
+        if first.epoch == 1:
+            first.stop_signal = signal.SIGTERM
+        return trained[-1]
+
+    monkeypatch.setattr(first, "train_one_epoch", then_sigterm)
+    with pytest.raises(Exception, match="stopped by SIGTERM at epoch 2"):
+        first.fit()
+    last = tmp_path / "run/checkpoints/last.pt"
+    assert (read_checkpoint(last)["epoch"], read_checkpoint(last)["batch_in_epoch"]) == (1, 6)
+
+    resumed = Trainer(compose_config(RUN + ["trainer.max_epochs=3", f"resume={last}"]), tmp_path / "again")
+    speeds, records = [], []
+    monkeypatch.setattr(resumed, "summarize", speeds.append)
+    record_epoch = resumed.record_epoch
+    monkeypatch.setattr(resumed, "record_epoch", lambda train, *rest: (records.append(train),
+                                                                        record_epoch(train, *rest))[1])
+    resumed.fit()
+    assert records[0] == trained[1]  # epoch 2, trained before the stop
+    assert records[1]["images_per_s"] > 0 and records[1] != trained[1]
+    assert speeds == [pytest.approx(records[1]["images_per_s"])]  # epoch 3 alone
+
+
+def test_a_ddp_step_makes_one_collective_which_also_carries_the_stop(tmp_path, monkeypatch):
+    """Under DDP (faked: 2 ranks, this one rank 0) a training step makes one all-reduce: keep_batch's,
+    which carries the stop flags too; the epoch adds one for its totals."""
+    from rednet.engine import distributed
+
+    trainer = Trainer(compose_config(RUN + ["trainer.limit_train_batches=3"]), tmp_path / "run")
+    trainer.dist = distributed.DistInfo(rank=0, world_size=2)
+    calls, other_rank_stops_at = [], []
+
+    def all_reduce(tensor, op=None):
+        calls.append(tensor.numel())
+        if tensor.numel() == 3 and len(calls) in other_rank_stops_at:
+            tensor[2] += 1  # rank 1 got a SIGTERM
+
+    monkeypatch.setattr(distributed.dist, "all_reduce", all_reduce)
+    for name in ("broadcast", "barrier", "all_gather_object", "broadcast_object_list", "all_gather"):
+        monkeypatch.setattr(distributed.dist, name, lambda *a, _name=name, **k: calls.append(_name))
+    trainer.train_one_epoch()
+    assert calls == [3] * trainer.steps_per_epoch + [3]  # one per step, and the epoch's totals
+
+    class Stopped(Exception):
+        pass
+
+    monkeypatch.setattr(trainer, "stop", lambda: (_ for _ in ()).throw(Stopped()))
+    calls.clear()
+    other_rank_stops_at.append(2)
+    trainer.epoch, trainer.batch_in_epoch, step = 1, 0, trainer.step
+    with pytest.raises(Stopped):
+        trainer.train_one_epoch()
+    assert (trainer.step - step, len(calls), trainer.stop_signal) == (2, 2, signal.SIGTERM)

@@ -14,7 +14,7 @@ from tensorboard.plugins.hparams import plugin_data_pb2
 from rednet.engine.trainer import Trainer
 from tests.conftest import FAST, compose_config
 
-LR, EPOCHS, BATCH, WARMUP = 4e-3, 2, 32, 10
+LR, EPOCHS, BATCH, WARMUP_EPOCHS = 4e-3, 2, 32, 0.2
 STEPS_PER_EPOCH = 1437 // BATCH  # digits' training split, incomplete batch dropped
 
 
@@ -23,7 +23,7 @@ def run(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("learning") / "run"
     cfg = compose_config(FAST + ["data=digits", "model=rednet18", "optim=adamw", f"optim.lr={LR}",
                                  f"data.batch_size={BATCH}", f"trainer.max_epochs={EPOCHS}",
-                                 f"sched.warmup_iters={WARMUP}"])
+                                 f"sched.warmup_epochs={WARMUP_EPOCHS}"])
     metrics = Trainer(cfg, run_dir).fit()
     return run_dir, metrics
 
@@ -56,7 +56,8 @@ def test_tensorboard_scalars_and_images_read_back(run):
     total = EPOCHS * STEPS_PER_EPOCH
     expected_steps = sorted({s for s in range(10, total + 1, 10)} | {STEPS_PER_EPOCH * e for e in range(1, EPOCHS + 1)})
     assert [step for step, _ in scalars(events, "train/loss")] == expected_steps
-    assert [step for step, _ in scalars(events, "lr")] == expected_steps and expected_steps[0] >= WARMUP
+    assert [step for step, _ in scalars(events, "lr")] == expected_steps
+    assert expected_steps[0] >= WARMUP_EPOCHS * STEPS_PER_EPOCH
     for step, lr in scalars(events, "lr"):
         assert lr == pytest.approx(LR * 0.5 * (1 + math.cos(math.pi * step / total)), rel=1e-5, abs=1e-9), step
 

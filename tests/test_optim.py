@@ -33,7 +33,7 @@ def test_sgd_lr_scales_linearly_with_the_global_batch():
 
 
 def test_cosine_with_linear_warmup():
-    cfg = compose_config(["sched=cosine", "sched.warmup_iters=10", "sched.warmup_ratio=0.25",
+    cfg = compose_config(["sched=cosine", "sched.warmup_epochs=1", "sched.warmup_ratio=0.25",
                           "optim.base_batch_size=null"])
     _, seen = lrs(cfg, steps_per_epoch=10, epochs=5, batch=128)
     total = 50

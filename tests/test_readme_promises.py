@@ -95,7 +95,7 @@ def test_resume_with_more_epochs_stretches_the_schedule(tmp_path):
     # Cosine over 2 epochs, resumed for 4: the lr continues on the 4-epoch curve, halfway down
     # (the 2-epoch curve would have it at 0).
     common = TINY + ["data=digits", "data.batch_size=32", "trainer.limit_train_batches=3",
-                     "trainer.limit_val_batches=1", "sched.warmup_iters=0", "optim.base_batch_size=null",
+                     "trainer.limit_val_batches=1", "sched.warmup_epochs=0", "optim.base_batch_size=null",
                      "optim.lr=0.1"]
     Trainer(compose_config(common + ["trainer.max_epochs=2"]), tmp_path / "run").fit()
     resumed = Trainer(compose_config(common + ["trainer.max_epochs=4", f"resume={tmp_path}/run/checkpoints/last.pt"]),
@@ -113,7 +113,7 @@ def test_rednet26_cifar10_recipe_composes_and_trains_a_step(tmp_path):
                                  "trainer.limit_val_batches=1"])
     assert (cfg.model.name, cfg.data.name, cfg.optim.name, cfg.optim.lr, cfg.optim.base_batch_size,
             cfg.optim.nesterov, cfg.optim.weight_decay) == ("rednet26", "cifar10", "sgd", 0.1, 128, True, 5e-4)
-    assert (cfg.sched.name, cfg.sched.warmup_iters, cfg.trainer.label_smoothing) == ("cosine", 390, 0.1)
+    assert (cfg.sched.name, cfg.sched.warmup_epochs, cfg.trainer.label_smoothing) == ("cosine", 1, 0.1)
     trainer = Trainer(cfg, tmp_path / "run")
     assert trainer.optimizer.param_groups[0]["initial_lr"] == pytest.approx(0.1 * 4 / 128)
     assert trainer.optimizer.defaults["nesterov"] and trainer.criterion.label_smoothing == 0.1

@@ -97,6 +97,22 @@ def test_launcher_configs():
     assert local._target_.endswith("LocalLauncher") and (local.tasks_per_node, local.gpus_per_node) == (2, 0)
 
 
+
+def test_a_requeued_job_resumes_from_its_own_run_whatever_resume_said(clean_env, tmp_path):
+    from rednet.integrations.submitit import resume_for_job
+
+    run = tmp_path / "run"
+    other = str(tmp_path / "other/checkpoints/last.pt")
+    for resume in (None, "auto", "if_exists", other):  # not a job: resume is the user's
+        assert resume_for_job(resume, run) == resume
+    slurm_task(clean_env, "4242", procid=0, localid=0)
+    # The job's first start: its folder has no checkpoint yet.
+    assert [resume_for_job(r, run) for r in (None, "auto", "if_exists", other)] == ["if_exists", "auto",
+                                                                                    "if_exists", other]
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints/last.pt").write_bytes(b"saved before the requeue")
+    assert [resume_for_job(r, run) for r in (None, "auto", "if_exists", other)] == ["if_exists"] * 4
+
 def test_preemption_signal_stops_the_trainer_first_then_requeues(clean_env):
     """In a job, SIGUSR2 goes to the trainer's SIGTERM handler; submitit's requeue runs once the
     trainer has stopped (Interrupted), not before."""

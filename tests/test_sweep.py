@@ -27,7 +27,7 @@ def test_recipes():
     sweeper = cfg.hydra.sweeper
     assert sweeper._target_.endswith("OptunaSweeper") and sweeper.sampler._target_.endswith("TPESampler")
     assert (sweeper.direction, sweeper.n_trials, sweeper.sampler.seed) == ("maximize", 20, 42)
-    assert set(sweeper.params) == {"optim.lr", "optim.weight_decay", "trainer.label_smoothing", "sched.warmup_iters"}
+    assert set(sweeper.params) == {"optim.lr", "optim.weight_decay", "trainer.label_smoothing", "sched.warmup_epochs"}
     assert (cfg.data.name, cfg.optimized_metric) == ("digits", "best.acc1")
     cifar = compose_config(["hparams_search=cifar10_optuna"], hydra=True)
     assert (cifar.experiment, cifar.data.name, cifar.model.name) == ("rednet26_cifar10", "cifar10", "rednet26")
@@ -110,7 +110,7 @@ def test_three_trials_return_their_metrics_and_the_results_name_the_best(tmp_pat
     params = runs[first_best][0]
     assert {k: str(v) for k, v in best["best_params"].items()} == {k: params[k] for k in best["best_params"]}
     assert set(best["best_params"]) == {"optim.lr", "optim.weight_decay", "trainer.label_smoothing",
-                                        "sched.warmup_iters"}
+                                        "sched.warmup_epochs"}
 
 
 @pytest.mark.slow

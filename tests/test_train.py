@@ -81,7 +81,7 @@ def test_imagefolder_of_jpegs_trains(tmp_path):
 def test_resume_continues_exactly(tmp_path):
     # A schedule that does not depend on max_epochs, so that 2 epochs + resume to 4 is the same
     # run as 4 straight; warmup, momentum, EMA and the sampler order all have to carry over.
-    common = ["data=digits", "data.batch_size=16", "sched=step", "sched.milestones=[3]", "sched.warmup_iters=4",
+    common = ["data=digits", "data.batch_size=16", "sched=step", "sched.milestones=[3]", "sched.warmup_epochs=1.5",
               "trainer.ema=true", "model.drop_path_rate=0.1"]
     straight = train(tmp_path, common + ["trainer.max_epochs=4"], "straight")
     first = train(tmp_path, common + ["trainer.max_epochs=2"], "first")

@@ -9,6 +9,7 @@ every process's random generators, the resolved config, the metrics and the clas
 
 from __future__ import annotations
 
+import math
 import os
 import random
 import signal
@@ -23,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from rednet.engine import distributed
 from rednet.engine.trained import check_class_names
 from rednet.errors import CheckpointError, UserError
-from rednet.io import read_checkpoint, save_checkpoint
+from rednet.io import link_checkpoint, read_checkpoint, save_checkpoint
 from rednet.models import load_weights
 
 
@@ -84,15 +85,17 @@ def find_last_checkpoint(cfg: DictConfig, roots=("outputs", "multirun")) -> Path
 class Checkpoints:
     """The trainer's checkpoints, resume and signals. It reads and writes the trainer's state:
     ``model``, ``optimizer``, ``scheduler``, ``scaler``, ``ema``, ``epoch``, ``batch_in_epoch``,
-    ``step``, ``bad_steps``, ``best_acc1``, ``best_epoch``, ``metrics``, ``class_names``."""
+    ``step``, ``bad_steps``, ``best_acc1``, ``best_epoch``, ``metrics``, ``epoch_train``, ``class_names``."""
 
     cfg: DictConfig
     dist: distributed.DistInfo
     ckpt_dir: Path
+    steps_per_epoch: int
     stop_signal: int | None
     saved: tuple[Path, int, int, int] | None  # the newest last.pt: (path, epoch, batch, step)
     resumed_from: Path | None
     pending_rng: dict | None
+    epoch_train: dict | None  # the current epoch's training metrics, once it is trained
 
     def state(self, rng_by_rank: list[dict]) -> dict:
         return {
@@ -112,18 +115,25 @@ class Checkpoints:
             "rng_by_rank": rng_by_rank if self.dist.enabled else None,
             "config": OmegaConf.to_container(self.cfg, resolve=True, enum_to_str=True),
             "metrics": self.metrics,
+            "epoch_train": self.epoch_train,
             "class_names": self.class_names,
         }
 
     def save(self, name: str) -> None:
         """Only rank 0 writes; every rank waits so that no rank races ahead of a checkpoint.
-        ``last.pt`` keeps its predecessor as ``last.prev.pt``; ``best.pt`` needs no second copy."""
+        ``last.pt`` keeps its predecessor as ``last.prev.pt``."""
         rng_by_rank = distributed.all_gather_object(rng_state(), self.dist)
         if self.dist.is_main:
             save_checkpoint(self.state(rng_by_rank), self.ckpt_dir / name, keep_previous=name == "last.pt")
         if name == "last.pt":
             self.saved = (self.ckpt_dir / name, self.epoch, self.batch_in_epoch, self.step)
         distributed.barrier(self.dist)
+
+    def save_best(self) -> None:
+        """``best.pt`` after :meth:`save` wrote ``last.pt`` with the same state: a hard link to it, not a
+        second serialisation. Replacing ``last.pt`` later makes a new file and leaves ``best.pt`` be."""
+        if self.dist.is_main:
+            link_checkpoint(self.ckpt_dir / "last.pt", self.ckpt_dir / "best.pt")
 
     def checkpoint_to_resume(self) -> Path | None:
         """The checkpoint that ``resume`` names, or None for a fresh start.
@@ -168,6 +178,7 @@ class Checkpoints:
             if name is not None and name != self.cfg[group].name:
                 raise CheckpointError(f"{path} was trained with {group}={name}, not {group}={self.cfg[group].name}; "
                                       f"resume with {group}={name}, or start a new run")
+        self.check_warmup(path, (trained.get("sched") or {}).get("warmup_iters"), ckpt["step"])
         check_class_names(ckpt.get("class_names"), self.class_names, str(path), f"data={self.cfg.data.name}")
         load_weights(self.model, ckpt["model"], name=str(path))
         try:
@@ -189,6 +200,7 @@ class Checkpoints:
         self.bad_steps = ckpt.get("bad_steps", 0)
         self.best_acc1, self.best_epoch = ckpt.get("best_acc1", -1.0), ckpt.get("best_epoch", -1)
         self.metrics = dict(ckpt.get("metrics") or {})
+        self.epoch_train = ckpt.get("epoch_train")
         # Each rank continues its own generators when the run had as many processes; the data
         # order depends on the process count too, so with another count nothing can be exact.
         saved = ckpt.get("rng_by_rank") or [ckpt["rng"]]
@@ -207,6 +219,19 @@ class Checkpoints:
                      f"{self.cfg.trainer.max_epochs}: nothing is left to train, its metrics are reported as they are; "
                      f"raise trainer.max_epochs to train on")
 
+    def check_warmup(self, path: Path, warmup_iters: int | None, step: int) -> None:
+        """A checkpoint from before the warmup was given in epochs says ``sched.warmup_iters``. Its run
+        continues on its own schedule only if ``sched.warmup_epochs`` is the same length; that matters
+        only while either warmup is not over, so a run past both resumes as it is."""
+        if warmup_iters is None:
+            return
+        was, now = warmup_iters / self.steps_per_epoch, self.cfg.sched.warmup_epochs
+        if not math.isclose(was, now, rel_tol=1e-3, abs_tol=1e-9) and step < max(warmup_iters,
+                                                                                  now * self.steps_per_epoch):
+            raise CheckpointError(f"{path} was trained with sched.warmup_iters={warmup_iters}, which is "
+                                  f"{was:.4g} epochs of {self.steps_per_epoch} steps; warmups are in epochs now: "
+                                  f"resume with sched.warmup_epochs={was:.4g}, or start a new run")
+
     # -- signals ----------------------------------------------------------------------------------
 
     def stop(self) -> None:
@@ -216,16 +241,20 @@ class Checkpoints:
         raise Interrupted(f"stopped by {name} at epoch {self.epoch + 1}, step {self.step}; saved "
                           f"{self.ckpt_dir / 'last.pt'}; {self.resume_hint()}", self.stop_signal)
 
-    def stop_requested(self) -> bool:
+    def stop_requested(self, stopping_ranks: float | None = None) -> bool:
         """Whether a SIGTERM or SIGINT reached this process or, under DDP, any other.
 
         Asked of every rank at the same points, so that all stop after the same step: a rank
-        that stopped alone would leave the others waiting in their next collective.
+        that stopped alone would leave the others waiting in their next collective. Under DDP it
+        sums every rank's flag, unless ``stopping_ranks`` is that sum already (the training step's
+        own reduction carries it); a signal that comes after that sum is seen at the next step.
         """
         if not self.dist.enabled:
             return self.stop_signal is not None
-        flag = torch.tensor([0.0 if self.stop_signal is None else 1.0], device=self.device)
-        if not distributed.all_reduce_sum(flag, self.dist).item():
+        if stopping_ranks is None:
+            flag = torch.tensor([0.0 if self.stop_signal is None else 1.0], device=self.device)
+            stopping_ranks = distributed.all_reduce_sum(flag, self.dist).item()
+        if not stopping_ranks:
             return False
         if self.stop_signal is None:
             self.stop_signal = signal.SIGTERM

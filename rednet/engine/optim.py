@@ -39,8 +39,10 @@ def build_optimizer(cfg, model: nn.Module, global_batch_size: int) -> torch.opti
 def lr_factor(cfg, step: int, steps_per_epoch: int, total_steps: int, base_lr: float) -> float:
     """The multiplier of the base lr after ``step`` optimizer steps.
 
-    The decay runs over all steps; the warmup multiplies it during the first ``warmup_iters``,
-    rising linearly from ``warmup_ratio`` to 1 (mmcv's linear warmup, as in the official recipe).
+    The decay runs over all steps; the warmup multiplies it during the first ``warmup_epochs``
+    (``warmup_epochs * steps_per_epoch`` steps, not rounded: the lr at a given fraction of an epoch is
+    the same at any batch size), rising linearly from ``warmup_ratio`` to 1 (mmcv's linear warmup, as
+    in the official recipe).
     """
     if cfg.name == "cosine":
         progress = min(step / max(total_steps, 1), 1.0)
@@ -49,8 +51,9 @@ def lr_factor(cfg, step: int, steps_per_epoch: int, total_steps: int, base_lr: f
     else:  # step
         epoch = step // max(steps_per_epoch, 1)
         factor = cfg.gamma ** sum(epoch >= m for m in cfg.milestones)
-    if step < cfg.warmup_iters:
-        factor *= 1 - (1 - step / cfg.warmup_iters) * (1 - cfg.warmup_ratio)
+    warmup_steps = cfg.warmup_epochs * steps_per_epoch
+    if step < warmup_steps:
+        factor *= 1 - (1 - step / warmup_steps) * (1 - cfg.warmup_ratio)
     return factor
 
 

@@ -114,7 +114,9 @@ class Trainer(Checkpoints):
         self.best_acc1 = -1.0
         self.best_epoch = -1
         self.metrics: dict = {}
+        self.epoch_train: dict | None = None  # the current epoch's training metrics, once it is trained
         self.stop_signal: int | None = None
+        self.stopping_ranks = 0.0  # ranks with a stop signal, as this step's keep_batch counted them
         self.writer: SummaryWriter | None = None  # made once training starts: a failed start leaves no event file
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.saved: tuple[Path, int, int, int] | None = None  # the newest last.pt: (path, epoch, batch, step)
@@ -139,21 +141,25 @@ class Trainer(Checkpoints):
                      f"{self.channels_last}, compile {self.compile}, "
                      f"{self.dist.world_size} process(es)")  # the run folder was logged at start-up
             while self.epoch < t.max_epochs:
-                train = self.train_one_epoch()
+                # After a checkpoint taken between training and validation this epoch is trained already.
+                trains = self.batch_in_epoch < self.steps_per_epoch
+                train = self.epoch_train = self.train_one_epoch()
                 if self.stop_requested():  # validation can take minutes: save the epoch first
                     self.stop()
                 val, val_ema = self.validate()
-                trained_images += train["images_per_s"] * train["epoch_time_s"]
-                train_time += train["epoch_time_s"]
+                if trains:  # the summary's speed is this process's own
+                    trained_images += train["images_per_s"] * train["epoch_time_s"]
+                    train_time += train["epoch_time_s"]
                 self.epoch += 1
                 self.batch_in_epoch = 0
                 is_best = val.acc1 > self.best_acc1
                 if is_best:
                     self.best_acc1, self.best_epoch = val.acc1, self.epoch
                 self.record_epoch(train, val, val_ema)
+                self.epoch_train = None
                 self.save("last.pt")
                 if is_best:
-                    self.save("best.pt")
+                    self.save_best()
                 if self.epoch < t.max_epochs and self.stop_requested():
                     raise Interrupted(f"stopped by {signal.Signals(self.stop_signal).name} after epoch {self.epoch}; "
                                       f"saved {self.ckpt_dir / 'last.pt'}; {self.resume_hint()}", self.stop_signal)
@@ -221,11 +227,11 @@ class Trainer(Checkpoints):
             if t.save_every_n_steps and self.step % t.save_every_n_steps == 0 and \
                     self.batch_in_epoch < self.steps_per_epoch:
                 self.save("last.pt")
-            if self.stop_requested():
+            if self.stop_requested(self.stopping_ranks):
                 self.stop()
         bar.close()
-        if nothing_left:
-            return self.metrics.get("train", {"loss": None, "acc1": None, "images_per_s": 0.0, "epoch_time_s": 0.0})
+        if nothing_left:  # the metrics of the process that trained it, which its checkpoint holds
+            return self.epoch_train or {"loss": None, "acc1": None, "images_per_s": 0.0, "epoch_time_s": 0.0}
         elapsed = time.perf_counter() - start
         if seen == 0:  # every batch was skipped (non-finite losses, unreadable images)
             return {"loss": None, "acc1": None, "images_per_s": 0.0, "epoch_time_s": elapsed}
@@ -240,12 +246,13 @@ class Trainer(Checkpoints):
         A batch in which no image could be read (``data.bad_images=skip``) is skipped with a
         warning. A NaN/inf loss skips up to ``trainer.max_bad_steps`` batches, then stops the run.
         The flags are summed over ranks, so every rank takes the same decision: DDP never waits on
-        a rank that skipped.
+        a rank that skipped. The stop flag rides on the same reduction (``stopping_ranks``), so that
+        the end of the step asks no collective of its own.
         """
         empty = batch_size == 0
-        flags = torch.tensor([float(empty), 0.0 if empty or math.isfinite(float(loss.detach())) else 1.0],
-                             device=self.device)
-        empty_ranks, bad = distributed.all_reduce_sum(flags, self.dist).tolist()
+        flags = torch.tensor([float(empty), 0.0 if empty or math.isfinite(float(loss.detach())) else 1.0,
+                              0.0 if self.stop_signal is None else 1.0], device=self.device)
+        empty_ranks, bad, self.stopping_ranks = distributed.all_reduce_sum(flags, self.dist).tolist()
         if empty_ranks:
             # The mean loss of no sample is NaN; that is not the model diverging.
             self.log(f"warning: no readable image in batch {self.batch_in_epoch + 1} of epoch {self.epoch + 1}"

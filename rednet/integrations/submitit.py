@@ -1,14 +1,15 @@
 """Runs launched by submitit (``python train.py -m hydra/launcher=submitit_slurm_ddp ...``).
 
-Each task of a job is one DDP process; :func:`env_from_submitit` gives it
-its rank. What is left is requeueing. submitit asks SLURM to warn a job with SIGUSR2
-``signal_delay_s`` before its time limit, and on that signal it requeues the job, which then runs
-the same command again, in the same run folder. Here the warning takes the path SIGTERM takes: the
-trainer finishes its step, writes ``checkpoints/last.pt`` and stops; only then does submitit requeue
-the job; and the job that runs again resumes from that ``last.pt``: train.py runs a submitit job
-with ``resume=if_exists`` (unless ``resume`` is set), the one mechanism that torchrun restarts and
-requeued sbatch scripts use too (``Trainer.checkpoint_to_resume``). A preemption that arrives as
-SIGTERM is the trainer's own path already; the job SLURM requeues after it resumes the same way.
+Each task of a job is one DDP process; :func:`env_from_submitit` gives it its rank. What is left is
+requeueing. submitit asks SLURM to warn a job with SIGUSR2 ``signal_delay_s`` before its time limit,
+and on that signal it requeues the job, which then runs the same command again, in the same run
+folder. Here the warning takes the path SIGTERM takes: the trainer finishes its step, writes
+``checkpoints/last.pt`` and stops; only then does submitit requeue the job; and the job that runs
+again resumes from that ``last.pt``: train.py runs a submitit job with ``resume=if_exists`` (a
+requeued job whatever ``resume`` says: :func:`resume_for_job`), the one mechanism that torchrun
+restarts and requeued sbatch scripts use too (``Trainer.checkpoint_to_resume``). A preemption that
+arrives as SIGTERM is the trainer's own path already; the job SLURM requeues after it resumes the
+same way.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import os
 import signal
 import zlib
 from contextlib import contextmanager
+from pathlib import Path
 
 from rednet.engine.checkpointing import Interrupted
 
@@ -43,6 +45,21 @@ def env_from_submitit() -> None:
     os.environ.update(RANK=str(job.global_rank), WORLD_SIZE=str(job.num_tasks), LOCAL_RANK=str(job.local_rank))
     os.environ.setdefault("MASTER_ADDR", job.hostnames[0] if job.num_nodes > 1 else "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", str(20000 + zlib.crc32(job.job_id.encode()) % 20000))
+
+
+def resume_for_job(resume: str | None, run_dir: str | Path) -> str | None:
+    """What ``resume`` a run in a submitit job takes. A job that has run before in this run folder (a
+    requeue: its ``checkpoints/last.pt`` is there) continues from that, whatever ``resume`` said: the
+    requeued command is the first one again, and ``resume=auto`` or a path would start over from
+    another run's checkpoint. A first start keeps ``resume``; without one it is ``if_exists``."""
+    if not in_job():
+        return resume
+    if resume is None or (Path(run_dir) / "checkpoints" / "last.pt").is_file():
+        if resume not in (None, "if_exists"):
+            log.info(f"requeued job: resuming from its own {Path(run_dir) / 'checkpoints' / 'last.pt'}, "
+                     f"not resume={resume}")
+        return "if_exists"
+    return resume
 
 
 @contextmanager
