@@ -32,6 +32,7 @@ from rednet.config import SCHEMAS, TrainConfig, did_you_mean, register_configs, 
 from rednet.data import shards
 from rednet.deploy.export import export_checkpoint
 from rednet.engine import distributed
+from rednet.engine.commands import quote_path_overrides
 from rednet.engine.evaluate import evaluate_trained
 from rednet.engine.trained import config_for, open_trained
 from rednet.engine.trainer import Trainer
@@ -250,6 +251,8 @@ def _pack(cfg: DictConfig) -> None:
 
 
 def _main(task, config_name: str) -> None:
+    # A path as the user typed it (a non-ASCII letter, a multirun folder's = and ,) needs Hydra's quotes.
+    sys.argv[1:] = quote_path_overrides(sys.argv[1:])
     argv = sys.argv[1:]
     _quiet_other_ranks()
     require_plugins(argv)

@@ -28,6 +28,7 @@ from tqdm import tqdm
 from rednet.data import build_datamodule
 from rednet.engine import distributed
 from rednet.engine.checkpointing import Checkpoints, Interrupted, set_rng_state
+from rednet.engine.commands import command_line
 from rednet.engine.context import setup_run
 from rednet.engine.ema import ModelEma
 from rednet.engine.evaluate import EvalResult, evaluate
@@ -340,7 +341,7 @@ class Trainer(Checkpoints):
         self.log(f"  metrics          {show(self.run_dir / 'metrics.json')}")
         self.log(f"  TensorBoard      tensorboard --logdir {show(self.run_dir / 'tensorboard')}")
         if best_pt is not None:
-            self.log(f"  evaluate it      python eval.py ckpt={show(best_pt)}")
+            self.log(f"  evaluate it      {command_line('eval.py', ckpt=show(best_pt))}")
 
     def log(self, message: str) -> None:
         if self.dist.is_main:
