@@ -3,16 +3,19 @@ second live run into the same folder, logs of every command, --help pages, expor
 and the intra-op threads sized against the loader workers."""
 
 import logging
+import os
 import shlex
 import shutil
+import socket
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 from hydra.core.override_parser.overrides_parser import OverridesParser
 
-from rednet.errors import DeployError
-from tests.conftest import FAST, command_config, compose_config
+from rednet.errors import ConfigError, DeployError
+from tests.conftest import FAST, ROOT, command_config, compose_config
 
 TINY = ["data=digits", "model=rednet18", "data.batch_size=32", "trainer.max_epochs=1", "trainer.limit_train_batches=1",
         "trainer.limit_val_batches=1", *FAST]
@@ -136,3 +139,74 @@ def test_a_sweep_of_paths_stays_a_sweep():
     assert quote_path_overrides(["data.root=a,b", "ckpt='x y'", "hydra.run.dir=outputs/${now:%H}", "model=a,b"]) == \
         ["data.root=a,b", "ckpt='x y'", "hydra.run.dir=outputs/${now:%H}", "model=a,b"]
     assert quote_path_overrides(["+images=résumé", "out=a=b"]) == ["+images='résumé'", "out='a=b'"]
+
+
+# -- 3. a second live run into the same folder -------------------------------------------------------
+
+HOLD = """
+import sys, time
+from pathlib import Path
+from rednet.engine.context import lock_run_dir
+lock_run_dir(Path(sys.argv[1]))
+print("held", flush=True)
+time.sleep(600)
+"""
+
+
+@pytest.fixture
+def live_run(tmp_path):
+    """A process that holds tmp_path/run's lock, as a live run does, until the test kills it."""
+    run = tmp_path / "run"
+    child = subprocess.Popen([sys.executable, "-c", HOLD, str(run)], stdout=subprocess.PIPE, text=True,
+                             env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert child.stdout.readline().strip() == "held"
+    yield run, child
+    child.kill()
+    child.wait()
+
+
+def test_a_second_run_into_a_live_runs_folder_is_refused(live_run):
+    from rednet.engine.trainer import Trainer
+
+    run, child = live_run
+    (run / "train.log").write_text("the live run's log\n")
+    with pytest.raises(ConfigError) as info:
+        Trainer(compose_config(TINY), run)
+    message = str(info.value)
+    assert f"run folder {run} is in use by a live run (pid {child.pid} on {socket.gethostname()}" in message, message
+    assert "hydra.run.dir=" in message and "\n" not in message
+    assert sorted(p.name for p in run.iterdir()) == [".run.lock", "train.log"]  # nothing written there
+    assert (run / "train.log").read_text() == "the live run's log\n"
+    child.kill()  # the first run dies: its folder is free at once, and resume works as before
+    child.wait()
+    assert Trainer(compose_config([*TINY, "resume=if_exists"]), run).run_dir == run
+
+
+def test_the_command_line_refuses_before_hydra_writes_into_the_folder(live_run, capsys, monkeypatch):
+    run, child = live_run
+    (run / ".hydra").mkdir()
+    (run / ".hydra/config.yaml").write_text("the live run's config\n")
+    monkeypatch.setattr(sys, "argv", ["train.py", *TINY, f"hydra.run.dir={run}"])
+    with pytest.raises(SystemExit) as exit_:
+        from rednet import cli
+
+        cli.train()
+    assert exit_.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: run folder {run} is in use by a live run (pid {child.pid}")
+    assert (run / ".hydra/config.yaml").read_text() == "the live run's config\n"
+    assert not (run / "train.log").exists()
+
+
+def test_a_finished_run_leaves_its_folder_free(tmp_path):
+    from rednet.engine import context
+
+    context.lock_run_dir(tmp_path / "run")
+    context.lock_run_dir(tmp_path / "run")  # a second context of the same process: the same run
+    context.unlock_run_dir(tmp_path / "run")
+    assert (tmp_path / "run" / ".run.lock").exists()
+    context.unlock_run_dir(tmp_path / "run")
+    assert not (tmp_path / "run" / ".run.lock").exists()
+    result = subprocess.run([sys.executable, "-c", HOLD.replace("time.sleep(600)", ""), str(tmp_path / "run")],
+                            env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True)
+    assert result.stdout.strip() == "held", result.stderr
