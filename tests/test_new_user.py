@@ -210,3 +210,33 @@ def test_a_finished_run_leaves_its_folder_free(tmp_path):
     result = subprocess.run([sys.executable, "-c", HOLD.replace("time.sleep(600)", ""), str(tmp_path / "run")],
                             env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True)
     assert result.stdout.strip() == "held", result.stderr
+
+
+# -- 9. intra-op threads sized against the loader workers --------------------------------------------
+
+@pytest.mark.parametrize("cores,workers,env,default,threads", [
+    (2, 2, {}, 2, 1), (2, 0, {}, 2, None), (16, 4, {}, 16, 12), (16, 4, {}, 8, None), (8, 12, {}, 8, 1),
+    (2, 2, {"OMP_NUM_THREADS": "2"}, 2, None), (2, 2, {"MKL_NUM_THREADS": "2"}, 2, None),
+])
+def test_intra_op_threads_rule(cores, workers, env, default, threads):
+    from rednet.engine.context import intra_op_threads
+
+    assert intra_op_threads(cores, workers, env, default) == threads
+
+
+def test_the_threads_are_set_and_said(monkeypatch, caplog, tmp_path):
+    import torch
+
+    from rednet.engine.context import setup_run
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("MKL_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2})
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 3)
+    set_to = []
+    monkeypatch.setattr(torch, "set_num_threads", set_to.append)
+    caplog.set_level(logging.INFO, logger="rednet")
+    setup_run(compose_config([*TINY, "data.num_workers=2"]), tmp_path / "run")
+    assert set_to == [1]
+    assert "intra-op threads: 1 (3 cores less data.num_workers=2 loader workers; set OMP_NUM_THREADS to choose)" in \
+        [r.getMessage() for r in caplog.records]
