@@ -15,7 +15,7 @@ import pytest
 from hydra.core.override_parser.overrides_parser import OverridesParser
 
 from rednet.errors import ConfigError, DeployError
-from tests.conftest import FAST, ROOT, command_config, compose_config
+from tests.conftest import FAST, ROOT, command_config, compose_config, run_cli
 
 TINY = ["data=digits", "model=rednet18", "data.batch_size=32", "trainer.max_epochs=1", "trainer.limit_train_batches=1",
         "trainer.limit_val_batches=1", *FAST]
@@ -240,3 +240,20 @@ def test_the_threads_are_set_and_said(monkeypatch, caplog, tmp_path):
     assert set_to == [1]
     assert "intra-op threads: 1 (3 cores less data.num_workers=2 loader workers; set OMP_NUM_THREADS to choose)" in \
         [r.getMessage() for r in caplog.records]
+
+
+# -- 6. every command logs what it did; 2. the printed "evaluate it" line runs as printed ---------------
+
+def test_eval_and_visualize_log_what_they_did(tiny_run, tmp_path):
+    line = next(line for line in tiny_run.lines if line.startswith("  evaluate it"))
+    printed = shlex.split(line.split("evaluate it", 1)[1])  # as a shell would split the pasted line
+    result = run_cli(*printed[1:], "trainer.limit_val_batches=1", f"hydra.run.dir={tmp_path}/eval")
+    assert result.returncode == 0, result.stderr[-2000:]
+    logged = (tmp_path / "eval/eval.log").read_text()
+    assert f"evaluated {tiny_run}/checkpoints/best.pt on data=digits: " in logged and "top-1" in logged, logged
+    assert "| images | top-1 | top-5 | loss |" in logged
+    result = run_cli("visualize.py", f"ckpt='{tiny_run}/checkpoints/best.pt'", "num_images=1",
+                     f"hydra.run.dir={tmp_path}/vis")
+    assert result.returncode == 0, result.stderr[-2000:]
+    logged = (tmp_path / "vis/visualize.log").read_text()
+    assert "heat-maps and kernels of 1 image(s) at layer1.1" in logged and f"in {tmp_path}/vis" in logged, logged
