@@ -257,3 +257,65 @@ def test_eval_and_visualize_log_what_they_did(tiny_run, tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     logged = (tmp_path / "vis/visualize.log").read_text()
     assert "heat-maps and kernels of 1 image(s) at layer1.1" in logged and f"in {tmp_path}/vis" in logged, logged
+
+
+# -- 7. --help: what the command does, examples, and only the groups it uses ---------------------------
+
+COMMANDS = ["train", "eval", "export", "visualize", "pack"]
+
+
+def help_of(name, capsys, monkeypatch) -> str:
+    from hydra.core.global_hydra import GlobalHydra
+
+    from rednet import cli
+
+    monkeypatch.setattr(sys, "argv", [f"{name}.py", "--help"])
+    try:
+        cli._main(lambda cfg: pytest.fail("--help ran the command"), name)
+    except SystemExit as e:
+        assert e.code in (0, None)
+    finally:
+        GlobalHydra.instance().clear()
+    return capsys.readouterr().out
+
+
+def groups_used(name) -> dict[str, list[str]]:
+    """The config groups in configs/<name>.yaml's defaults, with the options each has on disk."""
+    import yaml
+
+    defaults = yaml.safe_load((ROOT / "configs" / f"{name}.yaml").read_text())["defaults"]
+    groups = [next(iter(d)) for d in defaults if isinstance(d, dict)]
+    return {g: sorted(p.stem for p in (ROOT / "configs" / g).glob("*.yaml")) for g in groups}
+
+
+@pytest.mark.parametrize("name", COMMANDS)
+def test_help_says_what_the_command_does(name, capsys, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    text = help_of(name, capsys, monkeypatch)
+    lines = text.splitlines()
+    assert lines[0].startswith(f"{name}.py: "), lines[0]
+    examples = lines[lines.index("Examples:") + 1:]
+    examples = examples[:examples.index("")]
+    assert 2 <= len(examples) <= 4 and all(e.startswith("  python ") for e in examples), examples
+    listed = {}
+    for line in lines[next(i for i, line in enumerate(lines) if line.startswith("Config groups")) + 1:]:
+        if not line.startswith("  "):
+            break
+        group, options = line.split(None, 1)
+        listed[group] = sorted(o.strip() for o in options.split("(")[0].split(","))
+    used = groups_used(name)
+    if name in ("eval", "export", "visualize"):  # the groups that matter for a checkpoint
+        shown = {"eval": ["model", "data", "trainer"]}.get(name, ["model", "data"])
+        used = {g: used[g] for g in shown}
+        assert "Required:\n  ckpt=PATH" in text and "optim" not in text and "hparams_search" not in text
+    if name == "pack":
+        used = {"data": ["imagenet"]}
+    assert listed == used, (listed, used)
+    assert "???" not in text and "ckpt: null" not in text and "powered by Hydra" not in text
+    assert list(tmp_path.iterdir()) == []  # --help makes no run folder
+
+
+def test_help_through_the_real_command_line(tmp_path):
+    result = run_cli("eval.py", "--help", cwd=tmp_path)
+    assert result.returncode == 0 and result.stdout.startswith("eval.py: evaluates a checkpoint"), result.stdout
+    assert list(tmp_path.iterdir()) == []
