@@ -114,6 +114,7 @@ def lock_run_dir(run_dir: Path, wait_s: float = 0.0) -> None:
     # Written in place, not through rednet.io's atomic rename, which would swap out the locked file.
     started = datetime.datetime.now().isoformat(timespec="seconds")
     command = " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]) if sys.argv and sys.argv[0] else "python"
+    command = command if len(command) <= 100 else command[:97] + "..."  # the refusal stays one readable line
     os.ftruncate(fd, 0)
     os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}, started {started}: {command}\n".encode())
     _held[key] = [fd, 1]
