@@ -11,6 +11,7 @@ printed as its message.
 
 from __future__ import annotations
 
+import atexit
 import importlib.util
 import logging
 import math
@@ -23,15 +24,18 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException, MissingConfigException, OverrideParseException
+from hydra.experimental.callback import Callback
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf, read_write
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
 
 import rednet.deploy.runtime  # noqa: F401  (registers .onnx files with open_trained)
+from rednet.commands import quote_path_overrides
 from rednet.config import SCHEMAS, TrainConfig, did_you_mean, register_configs, schema_keys, validate, validate_pack
 from rednet.data import shards
 from rednet.deploy.export import export_checkpoint
 from rednet.engine import distributed
+from rednet.engine.context import lock_run_dir, unlock_run_dir
 from rednet.engine.evaluate import evaluate_trained
 from rednet.engine.trained import config_for, open_trained
 from rednet.engine.trainer import Trainer
@@ -248,7 +252,42 @@ def _pack(cfg: DictConfig) -> None:
     log.info(result.summary())
 
 
+class RunFolderLock(Callback):
+    """Takes the run folder's lock (:func:`rednet.engine.context.lock_run_dir`) before Hydra writes
+    into the folder (.hydra/config.yaml, the log file), so that a second run into a live run's folder
+    is refused before it touches anything there. Set in each command's config as hydra.callbacks."""
+
+    def __init__(self) -> None:
+        self.held: Path | None = None
+
+    def on_run_start(self, config: DictConfig, **kwargs) -> None:
+        if not distributed.env_info().is_main:  # the other ranks write nothing there; rank 0 locks for them
+            return
+        # Resolved once: run_job would resolve ${now:...} again, perhaps a second later.
+        run_dir = str(OmegaConf.select(config, "hydra.run.dir"))
+        with read_write(config.hydra.run):
+            config.hydra.run.dir = run_dir
+        try:
+            lock_run_dir(Path(run_dir).absolute(), wait_s=5.0 if distributed.restart_count() else 0.0)
+        except UserError as e:  # Hydra would take an exception from a callback for a warning
+            fail(one_line(e), e.exit_code)
+        except OSError:  # a folder that cannot be made: Hydra's attempt next says so (see _main)
+            return
+        self.held = Path(run_dir).absolute()
+        atexit.register(self.release)
+
+    def on_run_end(self, **kwargs) -> None:
+        self.release()
+
+    def release(self) -> None:
+        if self.held is not None:
+            unlock_run_dir(self.held)
+            self.held = None
+
+
 def _main(task, config_name: str) -> None:
+    # A path as the user typed it (a non-ASCII letter, a multirun folder's = and ,) needs Hydra's quotes.
+    sys.argv[1:] = quote_path_overrides(sys.argv[1:])
     argv = sys.argv[1:]
     _quiet_other_ranks()
     require_plugins(argv)

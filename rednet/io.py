@@ -18,6 +18,7 @@ import math
 import os
 import pickle
 import shutil
+import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
@@ -199,7 +200,28 @@ def link_checkpoint(source: str | Path, target: str | Path) -> Path:
 
 def _other_copy(path: Path) -> str:
     prev = previous_path(path)
-    return f"; the previous checkpoint is {prev}" if prev.is_file() else "; use another copy"
+    return f"; use the previous checkpoint {prev}" if prev.is_file() else "; copy it again or use another checkpoint"
+
+
+# What torch.save writes: a zip archive, or (before torch 1.6, and with _use_new_zipfile_serialization=False)
+# a pickle, which starts with the PROTO opcode.
+_ZIP_MAGIC, _PICKLE_PROTO = b"PK\x03\x04", b"\x80"
+
+
+def _check_format(path: Path) -> None:
+    """A file torch.save did not write, or one cut short, said as such before torch reads it."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(len(_ZIP_MAGIC))
+    if size == 0:
+        raise CheckpointError(f"checkpoint {path} is empty (0 bytes): it was cut off while being written or copied"
+                              f"{_other_copy(path)}")
+    if not (head.startswith(_ZIP_MAGIC) or head.startswith(_PICKLE_PROTO)):
+        raise CheckpointError(f"{path} is not a checkpoint: torch.save did not write it; pass a .pt/.pth file, e.g. "
+                              f"a run's checkpoints/best.pt")
+    if head.startswith(_ZIP_MAGIC) and not zipfile.is_zipfile(path):  # a zip's directory is at its very end
+        raise CheckpointError(f"checkpoint {path} is truncated ({size} bytes, its end is missing): it was cut off "
+                              f"while being written or copied{_other_copy(path)}")
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -213,6 +235,7 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint {path} is a directory, not a file; {hint}")
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist; check the path (ckpt=... or resume=...)")
+    _check_format(path)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -220,11 +243,12 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
             raise CheckpointError(
                 f"checkpoint {path} contains Python objects other than tensors and plain containers; refusing "
                 f"to load it because unpickling them could run code. Re-save it as a plain state_dict") from None
-        raise CheckpointError(f"checkpoint {path} is corrupt or not a PyTorch file ({e}){_other_copy(path)}") from None
-    except Exception as e:  # anything else the unpickler meets in a damaged file: EOFError, KeyError, ...
-        reason = f"{type(e).__name__}: {str(e).splitlines()[0]}" if str(e) else type(e).__name__
-        raise CheckpointError(f"checkpoint {path} is truncated, corrupt or not a PyTorch file "
-                              f"({reason}){_other_copy(path)}") from None
+        raise CheckpointError(f"checkpoint {path} is damaged: it cannot be read as a PyTorch file"
+                              f"{_other_copy(path)}") from None
+    except Exception:  # anything else the unpickler meets in a damaged file: EOFError, KeyError, ...
+        # The reader's own words (zip internals, a pickle opcode as a KeyError) mean nothing to the user.
+        raise CheckpointError(f"checkpoint {path} is damaged: it cannot be read as a PyTorch file"
+                              f"{_other_copy(path)}") from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path} is not a checkpoint: it holds a {type(obj).__name__}, not a dict")
     return obj

@@ -52,19 +52,63 @@ def test_truncated_checkpoint(tmp_path):
     torch.save({"model": {"w": torch.randn(1000)}}, tmp_path / "full.pt")
     (tmp_path / "cut.pt").write_bytes((tmp_path / "full.pt").read_bytes()[:1500])
     result = run_cli("eval.py", f"ckpt={tmp_path}/cut.pt", f"hydra.run.dir={tmp_path}/eval")
-    assert_one_line_error(result, "cut.pt", "truncated, corrupt or not a PyTorch file", "use another copy")
+    assert_one_line_error(result, f"checkpoint {tmp_path}/cut.pt is truncated", "copy it again or use another")
+    assert_speaks_plainly(result.stderr.strip())
     (tmp_path / "cut.prev.pt").write_bytes((tmp_path / "full.pt").read_bytes())
     result = run_cli("eval.py", f"ckpt={tmp_path}/cut.pt", f"hydra.run.dir={tmp_path}/eval")
-    assert_one_line_error(result, "cut.pt", f"the previous checkpoint is {tmp_path}/cut.prev.pt")
+    assert_one_line_error(result, "cut.pt is truncated", f"use the previous checkpoint {tmp_path}/cut.prev.pt")
+
+
+# The reader's internals that once leaked into these lines.
+INTERNALS = ("PytorchStreamReader", "miniz", "zip archive", "KeyError", "IndexError", "EOFError", "RuntimeError",
+             "OSError", "Errno", "unpack requires")
+
+
+def assert_speaks_plainly(message: str) -> None:
+    assert len(message) < 220, (len(message), message)
+    assert not [word for word in INTERNALS if word in message], message
 
 
 def test_not_a_checkpoint(tmp_path):
     (tmp_path / "notes.pt").write_text("hello")
     result = run_cli("eval.py", f"ckpt={tmp_path}/notes.pt", f"hydra.run.dir={tmp_path}/eval")
-    assert_one_line_error(result, "notes.pt", "corrupt or not a PyTorch file")
+    assert_one_line_error(result, f"{tmp_path}/notes.pt is not a checkpoint: torch.save did not write it",
+                          "checkpoints/best.pt")
+    assert_speaks_plainly(result.stderr.strip())
     torch.save([1, 2, 3], tmp_path / "list.pt")
     result = run_cli("eval.py", f"ckpt={tmp_path}/list.pt", f"hydra.run.dir={tmp_path}/eval")
     assert_one_line_error(result, "list.pt", "is not a checkpoint")
+
+
+def _damaged_files():
+    import io
+
+    buffer = io.BytesIO()
+    torch.save({"model": {"w": torch.randn(1000)}, "epoch": 3}, buffer)
+    whole = buffer.getvalue()
+    legacy = io.BytesIO()
+    torch.save({"epoch": 3}, legacy, _use_new_zipfile_serialization=False)
+    return {"empty": (b"", "is empty (0 bytes)"), "text": (b"hello", "is not a checkpoint"),
+            "json": (b'{"epoch": 3}', "is not a checkpoint"), "yaml": (b"epoch: 3\n", "is not a checkpoint"),
+            "png": (b"\x89PNG\r\n\x1a\n" + bytes(64), "is not a checkpoint"),
+            "zip head": (whole[:97], "is truncated"), "zip half": (whole[:len(whole) // 2], "is truncated"),
+            "zip less a byte": (whole[:-1], "is truncated"),
+            "legacy cut": (legacy.getvalue()[:20], "is damaged: it cannot be read as a PyTorch file"),
+            "legacy first byte": (legacy.getvalue()[:1], "is damaged")}
+
+
+@pytest.mark.parametrize("kind", list(_damaged_files()))
+def test_damaged_checkpoints_are_said_in_the_users_words(tmp_path, kind):
+    from rednet.errors import CheckpointError
+    from rednet.io import read_checkpoint
+
+    content, said = _damaged_files()[kind]
+    (tmp_path / "last.pt").write_bytes(content)
+    with pytest.raises(CheckpointError) as info:
+        read_checkpoint(tmp_path / "last.pt")
+    message = str(info.value)
+    assert f"{tmp_path}/last.pt" in message and said in message and "\n" not in message, message
+    assert_speaks_plainly(message)
 
 
 def test_eval_without_a_checkpoint(tmp_path):

@@ -5,6 +5,7 @@ import json
 import logging
 import os
 import re
+import shlex
 import warnings
 
 import pytest
@@ -121,6 +122,6 @@ def test_readme_quick_start_as_written(tmp_path):
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["val"]["acc1"] >= 0.97 and summary["final"] == pytest.approx(100 * metrics["val"]["acc1"], abs=0.005)
     assert (tmp_path / summary["metrics"]).is_file() and (tmp_path / summary["best checkpoint"]).is_file()
-    evaluated = run_cli(*summary["evaluate it"].split()[1:], f"hydra.run.dir={tmp_path}/eval", cwd=tmp_path)
+    evaluated = run_cli(*shlex.split(summary["evaluate it"])[1:], f"hydra.run.dir={tmp_path}/eval", cwd=tmp_path)
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
     assert json.loads((tmp_path / "eval/metrics.json").read_text())["acc1"] == pytest.approx(metrics["best"]["acc1"])

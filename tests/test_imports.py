@@ -11,7 +11,7 @@ from tests.conftest import ROOT
 
 # From the ground up; README.md, "Development", says the same in words.
 LAYERS = [
-    ["rednet.errors", "rednet.io"],
+    ["rednet.errors", "rednet.io", "rednet.commands"],
     ["rednet.ops"],
     ["rednet.models", "rednet.data", "rednet.metrics"],
     ["rednet.viz"],  # draws models' kernels, and the figures the trainer logs

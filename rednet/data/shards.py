@@ -111,6 +111,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 from tqdm import tqdm
 
+from rednet.commands import command_line
 from rednet.data.datamodule import (
     DataModule,
     default_num_workers,
@@ -634,7 +635,7 @@ class PackResult:
         kept = f" ({self.kept} kept from an earlier run)" if self.kept else ""
         return (f"packed {self.samples['train']} train and {self.samples['val']} val images into "
                 f"{self.shards['train']} + {self.shards['val']} shards in {self.out}{kept}{skipped}; train from them "
-                f"with: python train.py data=shards data.root={self.out}")
+                f"with: {command_line('train.py', {'data': 'shards', 'data.root': str(self.out)})}")
 
 
 class _Encode(Dataset):

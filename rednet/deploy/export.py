@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import logging
 import tempfile
 import types
 import warnings
@@ -46,6 +47,8 @@ OPSET = 17  # ONNX Runtime 1.14+, TensorRT 8.6+, OpenVINO 2023+
 # The exporter's output must match PyTorch within this, relative to the logits' largest magnitude
 # (at least 1): fp32 rounding differs between the two, by about 1e-6 in the measured models.
 TOLERANCE = 1e-4
+
+log = logging.getLogger("rednet")
 
 
 class _Placeholder(torch.autograd.Function):
@@ -209,7 +212,7 @@ def export_checkpoint(cfg: DictConfig, trained: Trained) -> Path:
     meta = {"model": cfg.model.name, "class_names": trained.class_names, "num_classes": num_classes,
             "mean": list(d.mean), "std": list(d.std), "checkpoint": str(trained.path), "config": containers}
     info = export_onnx(model, out, d.in_chans, d.image_size, meta)
-    print(f"wrote {out} and {sidecar_path(out)}: {cfg.model.name}, {num_classes} classes, input (batch, {d.in_chans}, "
-          f"height, width) normalised with the data's mean and std ({d.image_size} px as trained); ONNX Runtime "
-          f"matches PyTorch to {info['verified']['max_difference']:.1e}")
+    log.info(f"wrote {out} and {sidecar_path(out)}: {cfg.model.name}, {num_classes} classes, input (batch, "
+             f"{d.in_chans}, height, width) normalised with the data's mean and std ({d.image_size} px as trained); "
+             f"ONNX Runtime matches PyTorch to {info['verified']['max_difference']:.1e}")
     return out

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from rednet.commands import override
 from rednet.engine import distributed
 from rednet.engine.trained import check_class_names
 from rednet.errors import CheckpointError, UserError
@@ -263,7 +264,7 @@ class Checkpoints:
     def resume_hint(self) -> str:
         if self.cfg.resume == "if_exists":
             return "run the same command again to continue (resume=if_exists)"
-        return f"continue with resume=auto (or resume={self.ckpt_dir / 'last.pt'})"
+        return f"continue with resume=auto (or {override('resume', str(self.ckpt_dir / 'last.pt'))})"
 
     def unsaved(self, signum: int) -> str:
         """What a second signal leaves behind: the newest checkpoint, and the steps after it."""

@@ -3,6 +3,7 @@ report."""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from rednet.viz.confusion import confusion_figure
 from rednet.viz.images import save_figure
 from rednet.viz.misclassified import misclassified_figure
 
+log = logging.getLogger("rednet")
 MISCLASSIFIED_SHOWN = 16  # eval.py's misclassified.png: the most confident mistakes
 
 
@@ -162,8 +164,9 @@ def evaluate_trained(cfg: DictConfig, trained: Trained, run_dir: str | Path) -> 
 def write_report(result: EvalResult, run_dir: str | Path, info: dict, data_cfg) -> None:
     """eval.py's report, for a checkpoint and an exported .onnx alike: metrics.json (``info``, the
     totals and per-class metrics), confusion_matrix.csv/.png, misclassified.png (images shown as
-    ``data_cfg``'s mean and std de-normalise them) and TensorBoard events in ``run_dir``, and a table
-    on stdout. ``info`` names at least the ``checkpoint``, ``model`` and ``data``."""
+    ``data_cfg``'s mean and std de-normalise them) and TensorBoard events in ``run_dir``, and a summary
+    line and a table in the log (the console, and eval.log under Hydra). ``info`` names at least the
+    ``checkpoint``, ``model`` and ``data``."""
     run_dir = Path(run_dir)
     report = {**result.as_dict(), **info, "per_class": result.confusion.per_class()}
     write_json(run_dir / "metrics.json", report)
@@ -175,4 +178,7 @@ def write_report(result: EvalResult, run_dir: str | Path, info: dict, data_cfg) 
             writer.add_scalar(f"eval/{key}", getattr(result, key), 0)
         writer.add_figure("eval/confusion_matrix", confusion, 0, close=True)
         write_misclassified(result, result.confusion.class_names, data_cfg, run_dir, writer)
-    print(format_report(result, f"{info['model']} on {info['data']} ({info['checkpoint']}); report in {run_dir}"))
+    # Through the log, not print: Hydra's file handler then keeps it in eval.log, as train.log keeps a run's.
+    log.info(f"evaluated {info['checkpoint']} on data={info['data']}: {result.count} images, top-1 "
+             f"{100 * result.acc1:.2f}%, top-5 {100 * result.acc5:.2f}%, loss {result.loss:.4f}; report in {run_dir}")
+    log.info(format_report(result, f"{info['model']} on {info['data']} ({info['checkpoint']}); report in {run_dir}"))

@@ -25,6 +25,7 @@ from torch import nn
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
+from rednet.commands import command_line
 from rednet.data import build_datamodule
 from rednet.engine import distributed
 from rednet.engine.checkpointing import Checkpoints, Interrupted, set_rng_state
@@ -347,7 +348,7 @@ class Trainer(Checkpoints):
         self.log(f"  metrics          {show(self.run_dir / 'metrics.json')}")
         self.log(f"  TensorBoard      tensorboard --logdir {show(self.run_dir / 'tensorboard')}")
         if best_pt is not None:
-            self.log(f"  evaluate it      python eval.py ckpt={show(best_pt)}")
+            self.log(f"  evaluate it      {command_line('eval.py', ckpt=show(best_pt))}")
 
     def log(self, message: str) -> None:
         if self.dist.is_main:
