@@ -1,6 +1,7 @@
 """Command-line entry points: ``python train.py ...`` / ``rednet-train``, ``python eval.py ...`` /
-``rednet-eval``, ``python export.py ...`` / ``rednet-export`` and ``python visualize.py ...`` /
-``rednet-visualize``. Each parses (Hydra composes the config, once) and calls what the command does.
+``rednet-eval``, ``python export.py ...`` / ``rednet-export``, ``python visualize.py ...`` /
+``rednet-visualize`` and ``python predict.py ...`` / ``rednet-predict``. Each parses (Hydra composes
+the config, once) and calls what the command does.
 
 A user's mistake (a bad override, a missing dataset, a checkpoint that does not fit) ends with one
 line on stderr and exit status 2, without a traceback: Hydra's and OmegaConf's composition errors
@@ -35,6 +36,7 @@ from rednet.engine.trained import config_for, open_trained
 from rednet.engine.trainer import Trainer
 from rednet.errors import ConfigError, UserError
 from rednet.integrations import submitit
+from rednet.predict import predict_command
 from rednet.visualize import visualize_checkpoint
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
@@ -239,6 +241,12 @@ def _visualize(cfg: DictConfig) -> None:
     visualize_checkpoint(cfg, trained, _run_dir())
 
 
+@guarded
+def _predict(cfg: DictConfig) -> None:
+    trained, cfg = _trained_and_config(cfg, "predict.py")
+    predict_command(cfg, trained, _run_dir())
+
+
 def _main(task, config_name: str) -> None:
     argv = sys.argv[1:]
     _quiet_other_ranks()
@@ -275,3 +283,7 @@ def export() -> None:
 
 def visualize() -> None:
     _main(_visualize, "visualize")
+
+
+def predict() -> None:
+    _main(_predict, "predict")

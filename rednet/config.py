@@ -188,8 +188,18 @@ class VisualizeConfig(TrainConfig):
     point: Optional[list[int]] = None  # [y, x] in image pixels for the kernels at one point; null: the centre
 
 
+@dataclass
+class PredictConfig(TrainConfig):
+    """predict.py: the model and data (the eval transform, mean and std) come from the checkpoint."""
+
+    images: Any = MISSING  # an image file, a folder (recursively), a glob, or a list of them
+    topk: Optional[int] = None  # classes listed per image; null: 5, or every class when there are fewer
+    show: bool = False  # also draw predictions.png: the images with their top-1 class
+    bad_images: BadImages = BadImages.skip  # an unreadable image: skip (listed and counted) | error
+
+
 # Each command's config (configs/<name>.yaml) and its schema; eval.py's is the training schema.
-SCHEMAS = {"train": TrainConfig, "export": ExportConfig, "visualize": VisualizeConfig}
+SCHEMAS = {"train": TrainConfig, "export": ExportConfig, "visualize": VisualizeConfig, "predict": PredictConfig}
 
 
 def register_configs() -> None:
