@@ -178,7 +178,7 @@ class Predictor:
 
     def __init__(self, source: str | os.PathLike | nn.Module, *, model: str | None = None,
                  data: dict | DictConfig | None = None, class_names: Sequence[str] | None = None,
-                 device: str = "auto", batch_size: int | None = None, topk: int = DEFAULT_TOPK,
+                 device: str = "auto", batch_size: int | None = None, topk: int | None = None,
                  overrides: Sequence[str] = ()) -> None:
         if isinstance(source, nn.Module):
             self._from_module(source, data, class_names, device, batch_size or 32)
