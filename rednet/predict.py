@@ -396,6 +396,11 @@ def predict_command(cfg: DictConfig, trained: Trained, run_dir: str | Path) -> l
     when there are few, and a summary line. Every input is checked before anything is written."""
     predictor = Predictor.from_config(cfg, trained)
     files = find_images(OmegaConf.to_container(cfg.images) if OmegaConf.is_config(cfg.images) else cfg.images)
+    return predict_files(cfg, predictor, files, run_dir)
+
+
+def predict_files(cfg: DictConfig, predictor: Predictor, files: list[Path], run_dir: str | Path) -> list[Prediction]:
+    """predict.py's work once the model is loaded and the files found (scripts/bench_predict.py times it)."""
     progress = str(cfg.trainer.progress) == "bar" or (str(cfg.trainer.progress) == "auto" and sys.stderr.isatty()
                                                       and len(files) > predictor.batch_size)
     predictions, shown = [], []
@@ -404,7 +409,9 @@ def predict_command(cfg: DictConfig, trained: Trained, run_dir: str | Path) -> l
         if cfg.show and image is not None and len(shown) < SHOWN:
             shown.append((p, image))
     run_dir = Path(run_dir)
-    info = {"checkpoint": str(trained.path), "model": cfg.model.name, "runtime": trained.runtime,
+    path = predictor.trained.path if predictor.trained is not None else None
+    info = {"checkpoint": str(path), "model": cfg.model.name,
+            "runtime": predictor.trained.runtime if predictor.trained is not None else "torch",
             "topk": predictor.topk, "count": len(predictions),
             "per_class": dict(Counter(p.class_name for p in predictions if p.error is None).most_common()),
             "unreadable": [{"path": p.source, "error": p.error} for p in predictions if p.error is not None]}
