@@ -28,7 +28,6 @@ import logging
 import math
 import os
 import sys
-import textwrap
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -371,8 +370,9 @@ def predictions_figure(samples: list[tuple[Prediction, torch.Tensor]], total: in
     count = len(samples)
     cols = min(count, 6)
     rows = math.ceil(count / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(2.4 * cols, 2.6 * rows + 0.4), squeeze=False)
-    for ax in axes.flat:
+    # constrained layout makes room for every title and file name (tight_layout let rows overlap)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.4 * cols, 2.85 * rows + 0.4), squeeze=False, layout="constrained")
+    for ax in axes.flat[count:]:
         ax.axis("off")
     for ax, (p, image) in zip(axes.flat, samples):
         array = image.permute(1, 2, 0).numpy()
@@ -380,14 +380,27 @@ def predictions_figure(samples: list[tuple[Prediction, torch.Tensor]], total: in
             ax.imshow(array[:, :, 0], cmap="gray", vmin=0, vmax=255, interpolation="nearest")
         else:
             ax.imshow(array, interpolation="nearest" if array.shape[0] < 64 else "antialiased")
-        label = textwrap.shorten(p.class_name, width=20, placeholder="…")
+        ax.set_xticks([])
+        ax.set_yticks([])
+        for spine in ax.spines.values():
+            spine.set_visible(False)
+        label = p.class_name if len(p.class_name) <= 22 else p.class_name[:21] + "…"
         ax.set_title(f"{label} · {p.probability:.0%}", fontsize=10, fontweight="bold", pad=4)
-        ax.text(0.5, -0.03, textwrap.shorten(Path(p.source).name, width=28, placeholder="…"), fontsize=7,
-                color="0.35", ha="center", va="top", transform=ax.transAxes)
+        # the file's name as the axis label: tight_layout makes room for it, so no title below covers it
+        name = Path(p.source).name
+        ax.set_xlabel(name if len(name) <= 30 else name[:14] + "…" + name[-14:], fontsize=7, color="0.35",
+                      labelpad=3)
     title = "top-1 class and its probability" + (f" (the first {count} of {total} images)" if total > count else "")
     fig.suptitle(title, fontsize=11)
-    fig.tight_layout(rect=(0, 0, 1, 0.97 if rows > 1 else 0.93), h_pad=1.2)
     return fig
+
+
+def _shown_dir(run_dir: Path) -> str:
+    """The run folder as the user would type it: relative to where they are, when it is below."""
+    try:
+        return str(run_dir.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(run_dir)
 
 
 def predict_command(cfg: DictConfig, trained: Trained, run_dir: str | Path) -> list[Prediction]:
@@ -423,5 +436,5 @@ def predict_files(cfg: DictConfig, predictor: Predictor, files: list[Path], run_
                                    run_dir / "predictions.png", dpi=110))
     if len(predictions) <= PRINTED:
         print("\n".join(_line(p) for p in predictions))
-    print(f"{summary(predictions)}; {', '.join(p.name for p in written)} in {run_dir}")
+    print(f"{summary(predictions)}; {', '.join(p.name for p in written)} in {_shown_dir(run_dir)}")
     return predictions

@@ -131,6 +131,18 @@ def test_onnx_gives_the_checkpoints_top1_on_every_digits_image(digits, digits_on
     np.testing.assert_allclose([p.probability for p in from_onnx], [p.probability for p in from_pt], atol=1e-4)
 
 
+def test_an_official_layout_file_with_model_named(digits, tmp_path):
+    """An official mmcls-layout .pth carries no config and no class names: model= (and the data
+    group) come from the caller, and the classes are shown by index."""
+    torch.save({"state_dict": digits["model"].state_dict()}, tmp_path / "r18.pth")
+    with pytest.raises(ConfigError, match="carries no config"):
+        Predictor(tmp_path / "r18.pth")
+    official = Predictor(tmp_path / "r18.pth", model="rednet18", overrides=["data=digits"], device="cpu")
+    got = official.predict(digits["files"][:20])
+    expected = Predictor(digits["ckpt"], device="cpu").predict(digits["files"][:20])
+    assert [(p.class_name, p.index) for p in got] == [(str(p.index), p.index) for p in expected]
+
+
 def test_imagefolder_predict_equals_the_validation_set_and_eval_accuracy(tmp_path):
     """Image by image against the model run on DataModule.val_set (the pipeline eval.py runs), and
     the accuracy against the folder names equals eval.py's metrics.json acc1."""
