@@ -407,9 +407,11 @@ def predict_command(cfg: DictConfig, trained: Trained, run_dir: str | Path) -> l
     """``predict.py``: the top-k classes of every image ``cfg.images`` names, into ``run_dir``
     (predictions.csv, predictions.json, with ``show`` predictions.png), a line per image on stdout
     when there are few, and a summary line. Every input is checked before anything is written."""
-    predictor = Predictor.from_config(cfg, trained)
+    if OmegaConf.is_missing(cfg, "images"):
+        raise ConfigError("predict.py needs images: images=photo.jpg, a folder, a glob such as 'photos/*.jpg', or a "
+                          "list [a.jpg,b.png]")
     files = find_images(OmegaConf.to_container(cfg.images) if OmegaConf.is_config(cfg.images) else cfg.images)
-    return predict_files(cfg, predictor, files, run_dir)
+    return predict_files(cfg, Predictor.from_config(cfg, trained), files, run_dir)
 
 
 def predict_files(cfg: DictConfig, predictor: Predictor, files: list[Path], run_dir: str | Path) -> list[Prediction]:
