@@ -18,8 +18,8 @@ device, precision and memory layout predict.py chooses:
   Loading the checkpoint and building the model is a row of its own: it is paid once per run,
   whatever the number of images.
 
-The two are interleaved, ``--repeats`` rounds, and each row reports its fastest round: a machine
-whose load changes affects both alike. The photographs are the JPEGs of ``tests/photos.py``
+The two are interleaved, ``--repeats`` rounds (which goes first alternates), and each row reports
+its fastest round: a machine whose load changes affects both alike. The photographs are the JPEGs of ``tests/photos.py``
 (ImageNet-like sizes, 500 x 375 and up, re-encoded from scikit-learn's two sample photographs).
 """
 
@@ -70,7 +70,10 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=None, help="torch's intra-op threads (default: torch's)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -112,9 +115,12 @@ def main() -> None:
         if predictor.device.type == "cuda":
             torch.cuda.synchronize()
         alone_s, predict_s = [], []
-        for _ in range(args.repeats):
+        for round_ in range(args.repeats):  # alternating which goes first
+            if round_ % 2:
+                predict_s.append(predict())
             alone_s.append(model_alone())
-            predict_s.append(predict())
+            if not round_ % 2:
+                predict_s.append(predict())
 
     count = len(files)
     alone, full = count / min(alone_s), count / min(predict_s)
