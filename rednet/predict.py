@@ -40,12 +40,13 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ValidationError
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import nn
 from tqdm import tqdm
 
 import rednet.deploy.runtime  # noqa: F401  (registers .onnx files with open_trained)
-from rednet.config import register_configs
+from rednet.config import PredictConfig, register_configs
 from rednet.data.files import find_images
 from rednet.data.transforms import IMAGE_ERRORS, MAX_IMAGE_PIXELS, eval_transform
 from rednet.engine.context import setup_run
@@ -219,7 +220,11 @@ class Predictor:
             raise ConfigError("Predictor(model) needs data=dict(image_size=..., mean=[...], std=[...], in_chans=...): "
                               "the transform and normalisation it was trained with")
         data = OmegaConf.merge({"val_resize": None, "in_chans": len(data["mean"])}, OmegaConf.create(dict(data)))
-        cfg = compose_predict_config(["ckpt=none", "images=[]", f"trainer.device={device}"])
+        cfg = OmegaConf.structured(PredictConfig)  # only its trainer group: device, precision, memory layout
+        try:
+            cfg.trainer.device = device
+        except ValidationError:
+            raise ConfigError(f"device={device!r}: choose auto, cpu or cuda") from None
         ctx = setup_run(cfg, ".")
         num_classes = getattr(getattr(getattr(model, "head", None), "fc", None), "out_features", None)
         names = list(class_names) if class_names is not None else None
