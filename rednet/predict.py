@@ -183,7 +183,9 @@ class Predictor:
         if isinstance(source, nn.Module):
             self._from_module(source, data, class_names, device, batch_size or 32)
         else:
-            keys = [f"ckpt={source}", "images=[]", f"trainer.device={device}", *overrides]
+            # No ckpt= among them: a path with spaces or quotes would need Hydra's quoting, and
+            # config_for takes the file itself.
+            keys = ["images=[]", f"trainer.device={device}", *overrides]
             keys += [f"model={model}"] if model else []
             keys += [f"data.batch_size={batch_size}"] if batch_size else []
             trained = open_trained(source)
