@@ -1,7 +1,7 @@
 """Command-line entry points: ``python train.py ...`` / ``rednet-train``, ``python eval.py ...`` /
-``rednet-eval``, ``python export.py ...`` / ``rednet-export`` and ``python visualize.py ...`` /
-``rednet-visualize``, and ``python pack.py ...`` / ``rednet-pack``. Each parses (Hydra composes the config,
-once) and calls what the command does.
+``rednet-eval``, ``python export.py ...`` / ``rednet-export``, ``python visualize.py ...`` /
+``rednet-visualize``, ``python predict.py ...`` / ``rednet-predict`` and ``python pack.py ...`` /
+``rednet-pack``. Each parses (Hydra composes the config, once) and calls what the command does.
 
 A user's mistake (a bad override, a missing dataset, a checkpoint that does not fit) ends with one
 line on stderr and exit status 2, without a traceback: Hydra's and OmegaConf's composition errors
@@ -41,6 +41,7 @@ from rednet.engine.trained import config_for, open_trained
 from rednet.engine.trainer import Trainer
 from rednet.errors import ConfigError, UserError
 from rednet.integrations import submitit
+from rednet.predict import predict_command
 from rednet.visualize import visualize_checkpoint
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
@@ -285,6 +286,12 @@ class RunFolderLock(Callback):
             self.held = None
 
 
+@guarded
+def _predict(cfg: DictConfig) -> None:
+    trained, cfg = _trained_and_config(cfg, "predict.py")
+    predict_command(cfg, trained, _run_dir())
+
+
 def _main(task, config_name: str) -> None:
     # A path as the user typed it (a non-ASCII letter, a multirun folder's = and ,) needs Hydra's quotes.
     sys.argv[1:] = quote_path_overrides(sys.argv[1:])
@@ -327,3 +334,7 @@ def visualize() -> None:
 
 def pack() -> None:
     _main(_pack, "pack")
+
+
+def predict() -> None:
+    _main(_predict, "predict")

@@ -201,8 +201,19 @@ class PackConfig:
     shard_samples: int = 1000  # images per shard
 
 
+@dataclass
+class PredictConfig(TrainConfig):
+    """predict.py: the model and data (the eval transform, mean and std) come from the checkpoint."""
+
+    images: Any = MISSING  # an image file, a folder (recursively), a glob, or a list of them
+    topk: Optional[int] = None  # classes listed per image; null: 5, or every class when there are fewer
+    show: bool = False  # also draw predictions.png: the images with their top-1 class
+    bad_images: BadImages = BadImages.skip  # an unreadable image: skip (listed and counted) | error
+
+
 # Each command's config (configs/<name>.yaml) and its schema; eval.py's is the training schema.
-SCHEMAS = {"train": TrainConfig, "export": ExportConfig, "visualize": VisualizeConfig, "pack": PackConfig}
+SCHEMAS = {"train": TrainConfig, "export": ExportConfig, "visualize": VisualizeConfig, "predict": PredictConfig,
+           "pack": PackConfig}
 
 
 def register_configs() -> None:

@@ -261,7 +261,7 @@ def test_eval_and_visualize_log_what_they_did(tiny_run, tmp_path):
 
 # -- 7. --help: what the command does, examples, and only the groups it uses ---------------------------
 
-COMMANDS = ["train", "eval", "export", "visualize", "pack"]
+COMMANDS = ["train", "eval", "export", "visualize", "pack", "predict"]
 
 
 def help_of(name, capsys, monkeypatch) -> str:
@@ -304,7 +304,7 @@ def test_help_says_what_the_command_does(name, capsys, monkeypatch, tmp_path):
         group, options = line.split(None, 1)
         listed[group] = sorted(o.strip() for o in options.split("(")[0].split(","))
     used = groups_used(name)
-    if name in ("eval", "export", "visualize"):  # the groups that matter for a checkpoint
+    if name in ("eval", "export", "visualize", "predict"):  # the groups that matter for a checkpoint
         shown = {"eval": ["model", "data", "trainer"]}.get(name, ["model", "data"])
         used = {g: used[g] for g in shown}
         assert "Required:\n  ckpt=PATH" in text and "optim" not in text and "hparams_search" not in text

@@ -1,7 +1,9 @@
-"""The user's own image files (visualize.py ``images=``): finding them and reading one as a model input."""
+"""The user's own image files (visualize.py and predict.py ``images=``): finding them and reading one as a
+model input."""
 
 from __future__ import annotations
 
+import glob
 from pathlib import Path
 
 import torch
@@ -43,3 +45,49 @@ def load_image(path: Path, in_chans: int, image_size: int) -> torch.Tensor:
         raise DataError(f"{path} is not a readable image ({type(e).__name__}: {reason}); give image files "
                         f"({', '.join(IMG_EXTENSIONS)})") from None
     return transforms.functional.pil_to_tensor(transforms.Resize(image_size)(image))
+
+
+GLOB_CHARS = set("*?[")
+
+
+def find_images(spec) -> list[Path]:
+    """predict.py ``images=``: a file, a folder (searched recursively), a glob (``photos/*.jpg``,
+    ``photos/**/*.png``) or a list of any of them, as the image files they name, in that order
+    (each folder's and each glob's sorted), each once. A file named outright is taken whatever its
+    suffix (it is read, or reported unreadable); folders and globs keep image files only."""
+    specs = [spec] if isinstance(spec, (str, Path)) else list(spec or [])
+    kinds = ", ".join(IMG_EXTENSIONS)
+    if not specs:
+        raise DataError("images= is empty; give an image file, a folder, a glob such as 'photos/*.jpg', or a "
+                        "list [a.jpg,b.png]")
+    found: dict[Path, None] = {}
+    for item in specs:
+        item = str(item)
+        path = Path(item).expanduser()
+        if path.is_file():
+            found.setdefault(path)
+        elif path.is_dir():
+            found.update((file, None) for file in _folder_images(path) if file not in found)
+        elif GLOB_CHARS & set(item):
+            for match in sorted(glob.glob(str(path), recursive=True)):
+                match = Path(match)
+                if match.is_dir():
+                    found.update((file, None) for file in _folder_images(match) if file not in found)
+                elif match.suffix.lower() in IMG_EXTENSIONS:
+                    found.setdefault(match)
+        else:
+            raise DataError(f"images={item}: no such file or folder; give an image file, a folder, a glob such as "
+                            f"'photos/*.jpg', or a list [a.jpg,b.png]")
+    if not found:
+        raise DataError(f"images={_shown(spec)} matched no image files; the kinds read are {kinds}")
+    return list(found)
+
+
+def _folder_images(folder: Path) -> list[Path]:
+    """The image files under ``folder``, recursively, hidden entries skipped, sorted."""
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMG_EXTENSIONS
+                  and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+
+
+def _shown(spec) -> str:
+    return str(spec) if isinstance(spec, (str, Path)) else "[" + ",".join(str(s) for s in spec) + "]"
