@@ -24,7 +24,7 @@ from tests.conftest import ROOT, command_config, compose_config, run_cli
 from tests.fakedata import make_imagefolder, write_corrupt_image
 from tests.photos import photo, write_formats
 
-README_SECTION = ROOT / "README_predict_section.md"  # the lead moves it into README.md
+README = ROOT / "README.md"
 DIGITS_MEAN, DIGITS_STD = [0.3054], [0.3761]
 
 
@@ -418,13 +418,14 @@ def test_paths_pil_images_arrays_and_tensors_give_the_same_answer(tmp_path):
 
 
 def test_the_readme_snippet_runs_as_written(digits, tmp_path, monkeypatch, capsys):
-    text = README_SECTION.read_text()
+    text = README.read_text().split("## Predict your own images", 1)[1]
     snippet = re.search(r"```python\n(.*?)```", text, re.S).group(1)
     assert len(snippet.strip().splitlines()) == 3
     paths = re.findall(r'"([^"]+\.(?:pt|png|jpg))"', snippet)
     ckpt, image = paths[0], paths[1]
     monkeypatch.chdir(tmp_path)
-    Path(ckpt).parent.mkdir(parents=True, exist_ok=True)
+    for path in (ckpt, image):
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
     shutil.copy(digits["ckpt"], ckpt)
     shutil.copy(digits["files"][0], image)
     exec(compile(snippet, "README", "exec"), {})
