@@ -79,15 +79,19 @@ class DataModule:
         function of (seed, epoch) and a resumed run replays it exactly.
         """
         dataset = self.train_set
-        per_rank = len(dataset) // world_size
-        if per_rank < batch_size:
-            # drop_last would silently give an empty epoch.
-            raise DataError(
-                f"the {self.name} training set has {len(dataset)} images, {per_rank} per rank: fewer than one "
-                f"batch of {batch_size} per rank; lower data.batch_size or add training images")
+        self.check_one_batch_per_rank(len(dataset), batch_size, world_size)
         sampler = ResumableDistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed,
                                      drop_last=True)
         return self._loader(dataset, batch_size, sampler, drop_last=True)
+
+    def check_one_batch_per_rank(self, images: int, batch_size: int, world_size: int) -> None:
+        """Training drops the last partial batch, so fewer images than one batch per rank would
+        silently give an empty epoch."""
+        per_rank = images // world_size
+        if per_rank < batch_size:
+            raise DataError(
+                f"the {self.name} training set has {images} images, {per_rank} per rank: fewer than one batch "
+                f"of {batch_size} per rank; lower data.batch_size or add training images")
 
     def val_loader(self, batch_size: int, rank: int = 0, world_size: int = 1) -> DataLoader:
         """Every validation sample exactly once across ranks, in a fixed order, with no padding."""

@@ -574,11 +574,7 @@ class ShardDataModule(DataModule):
     def train_loader(self, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0) -> ShardLoader:
         """``len()`` batches of ``batch_size`` per epoch, the same on every rank (see the module's docstring)."""
         shards = self.train_set
-        per_rank = len(shards) // world_size
-        if per_rank < batch_size:
-            raise DataError(
-                f"the {self.name} training set has {len(shards)} images, {per_rank} per rank: fewer than one "
-                f"batch of {batch_size} per rank; lower data.batch_size or add training images")
+        self.check_one_batch_per_rank(len(shards), batch_size, world_size)
         return self._loader(shards, batch_size, rank, world_size, seed, train=True)
 
     def val_loader(self, batch_size: int, rank: int = 0, world_size: int = 1) -> ShardLoader:
