@@ -156,7 +156,9 @@ def drill(index: int, base: Path, reference: tuple[dict, dict], rng: random.Rand
 
 
 def ddp_drill(index: int, base: Path, reference: tuple[dict, dict], rng: random.Random, modes: list,
-              own_store: bool) -> dict:
+              own_store: bool, window: float) -> dict:
+    """One drill; a kill lands within ``window`` seconds of the first last.pt, a fraction of the
+    reference run's length, so that it interrupts the run on a fast machine as on a slow one."""
     where, target, sig = modes[index % len(modes)]
     run_dir = base / f"drill_{index:02d}" / "run"
     run_dir.parent.mkdir(parents=True)
@@ -173,7 +175,7 @@ def ddp_drill(index: int, base: Path, reference: tuple[dict, dict], rng: random.
         found = wait_for(lambda: writing(ckpt.parent), proc, TIMEOUT)
         victim = int(found[0].name.rsplit("-", 1)[1]) if found else None
     else:
-        time.sleep(rng.uniform(0.0, 8.0))
+        time.sleep(rng.uniform(0.0, window))
         victim = proc.pid if target == "torchrun" else worker_pids(proc.pid).get(int(target.split()[-1]))
     if victim is None or proc.poll() is not None:
         record["note"] = "the run ended before the kill"
@@ -247,11 +249,15 @@ def main() -> None:
     if proc.wait(timeout=TIMEOUT) != 0:
         sys.exit(f"the uninterrupted reference run failed (rc={proc.returncode}); see {reference_dir.parent}")
     reference = outcome(reference_dir)
-    print(f"reference: {reference[0]} ({time.monotonic() - started:.0f} s)", flush=True)
+    reference_s = time.monotonic() - started
+    print(f"reference: {reference[0]} ({reference_s:.0f} s)", flush=True)
+    # The first last.pt comes at a sixth of the run's steps: a kill within a quarter of the run's
+    # time after it lands before the end, with the start-up both share.
+    window = min(8.0, reference_s / 4)
 
     records = []
     for i in range(args.runs):
-        record = (ddp_drill(i, args.workdir, reference, rng, modes, args.own_store) if args.ddp
+        record = (ddp_drill(i, args.workdir, reference, rng, modes, args.own_store, window) if args.ddp
                   else drill(i, args.workdir, reference, rng))
         records.append(record)
         verdict = "equal" if record["equal"] else "survived, NOT EQUAL" if record["survived"] else "FAILED"
