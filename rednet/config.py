@@ -246,35 +246,14 @@ def did_you_mean(key: str, schema: type = TrainConfig) -> str:
     return ""
 
 
-def check_keys(cfg: DictConfig) -> None:
-    """Rejects a key the schema does not have. The schema is a struct config, but Hydra lets
-    ``+key=value`` and ``++key=value`` add keys to it, so a typo such as ``+trainer.max_epoch=1``
-    would otherwise be ignored silently. Hydra's own ``hydra.*`` keys are Hydra's to check.
-    The schema is the config's own: export.py and visualize.py add keys to the training schema."""
-    schema_type = OmegaConf.get_type(cfg)
-    schema_type = schema_type if is_dataclass(schema_type) else TrainConfig
-
-    def walk(node, schema, prefix: str):
-        for key in node:
-            path = f"{prefix}{key}"
-            if path == "hydra":
-                continue
-            if key not in schema.keys():  # (`in schema` is False for a key whose value is missing)
-                raise ConfigError(f"{path} is not a config key{did_you_mean(path, schema_type)} "
-                                  f"(`--cfg job` lists the keys)")
-            if is_dataclass(OmegaConf.get_type(schema, key)):  # a group; a dict-typed key takes any key
-                walk(node[key], schema[key], f"{path}.")
-    walk(cfg, OmegaConf.structured(schema_type), "")
-
-
 # The scalars of metrics.json a sweeper can optimise (val_ema.* needs trainer.ema=true).
 METRICS = ["best.acc1", "val.acc1", "val.acc5", "val.loss", "train.loss", "train.acc1", "train.images_per_s",
            "val_ema.acc1", "val_ema.acc5", "val_ema.loss"]
 
 
 def validate(cfg: DictConfig | Any) -> None:
-    """Checks values that the schema's types cannot, raising ConfigError naming key and fix."""
-    check_keys(cfg)
+    """Checks values that the schema's types cannot, raising ConfigError naming key and fix. (Keys
+    the schema lacks, which ``+key=`` can add, are refused on the command line: cli.check_added_keys.)"""
     if cfg.model.name not in list_models():
         raise ConfigError(f"model={cfg.model.name} is not a model; choose one of: {', '.join(list_models())}")
     if cfg.data.name not in list_datasets():
@@ -335,8 +314,7 @@ def validate(cfg: DictConfig | Any) -> None:
 
 
 def validate_pack(cfg: DictConfig) -> None:
-    """pack.py's config: its keys and the dataset; pack() checks its own values."""
-    check_keys(cfg)
+    """pack.py's config: the dataset; pack() checks its own values."""
     if cfg.data.name not in list_datasets():
         raise ConfigError(f"data.name={cfg.data.name} is not valid; choose one of: {', '.join(list_datasets())}")
 
