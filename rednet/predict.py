@@ -3,7 +3,7 @@ Python API, :class:`Predictor`.
 
 An image goes through exactly what the checkpoint's validation images went through in eval.py:
 :func:`rednet.data.transforms.eval_transform` of the file's data config (resize, centre crop, grey
-or RGB) and :func:`rednet.engine.feed.normalize_batch` with its mean and std, so a file of the
+or RGB) and :func:`rednet.data.transforms.normalize_batch` with its mean and std, so a file of the
 validation set gets the class eval.py counted for it (timm issue 49 is the opposite). Where a
 user's picture needs more than the validation data ever did, it is converted as a viewer would
 show it, before that transform:
@@ -48,8 +48,9 @@ from tqdm import tqdm
 import rednet.deploy.runtime  # noqa: F401  (registers .onnx files with open_trained)
 from rednet.config import PredictConfig, register_configs
 from rednet.data.files import find_images
-from rednet.data.transforms import IMAGE_ERRORS, MAX_IMAGE_PIXELS, eval_transform, normalize_batch
+from rednet.data.transforms import IMAGE_ERRORS, check_pixels, eval_transform
 from rednet.engine.context import setup_run
+from rednet.engine.feed import DeviceFeed
 from rednet.engine.precision import autocast
 from rednet.engine.trained import Trained, config_for, open_trained
 from rednet.errors import ConfigError, DataError
@@ -96,9 +97,7 @@ class Prediction:
 
 def _upright_8bit(image: Image.Image) -> Image.Image:
     """``image`` turned as its EXIF orientation says, and 16-bit grey scaled to 8 bits."""
-    if image.width * image.height > MAX_IMAGE_PIXELS:  # checked before anything is decoded
-        raise Image.DecompressionBombError(f"{image.width} x {image.height} pixels is more than the "
-                                           f"{MAX_IMAGE_PIXELS} allowed against decompression bombs")
+    check_pixels(image.width, image.height)
     if image.getexif().get(EXIF_ORIENTATION, 1) != 1:
         image = ImageOps.exif_transpose(image)
     if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
@@ -200,11 +199,7 @@ class Predictor:
         return predictor
 
     def _from_trained(self, cfg: DictConfig, trained: Trained) -> None:
-        if trained.runtime != "torch":
-            if cfg.trainer.strategy != "single":
-                raise ConfigError(f"{trained.path} runs in {trained.runtime}, in one process; drop "
-                                  f"trainer={cfg.trainer.strategy}")
-            cfg.trainer.device, cfg.trainer.precision = "cpu", "fp32"  # where and how ONNX Runtime runs it
+        trained.settle_runtime(cfg)
         if cfg.trainer.strategy != "single":
             raise ConfigError("predict.py runs in one process; drop trainer=ddp")
         num_classes = trained.require_classifier("predict.py")
@@ -243,6 +238,8 @@ class Predictor:
         self.channels_last, self.batch_size = channels_last, int(batch_size)
         self.transform = eval_transform(data)
         self.mean, self.std = list(data.mean), list(data.std)
+        # uint8 batches to the device and normalised there, as the trainer's and eval's are
+        self.feed = DeviceFeed((), device, self.mean, self.std, channels_last=channels_last, name="predict's images")
 
     @property
     def num_classes(self) -> int:
@@ -274,9 +271,7 @@ class Predictor:
     @torch.no_grad()
     def logits(self, images: torch.Tensor) -> torch.Tensor:
         """float32 logits of a uint8 batch (batch, C, H, W) from the eval transform."""
-        x = normalize_batch(images.to(self.device), self.mean, self.std)
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
+        x, _ = self.feed.prepare(images, None)
         with autocast(self.device, self.dtype):
             return self.model(x).float()
 

@@ -27,7 +27,6 @@ Rows:
 from __future__ import annotations
 
 import argparse
-import io
 import platform
 import statistics
 import sys
@@ -36,10 +35,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import torch
 import torchvision
-from PIL import Image
 from torch.utils.data import DataLoader
 from torchvision import datasets, transforms
 
@@ -48,38 +45,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's 
 from rednet.data import build_datamodule  # noqa: E402
 from rednet.data.shards import ShardSet, pack  # noqa: E402
 from tests.conftest import data_cfg  # noqa: E402
+from tests.photos import write_imagefolder  # noqa: E402
 
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 # (width, height): ImageNet is mostly about 500 x 375 or 500 x 333, in both orientations, with larger pictures too.
-SIZES = ((500, 375), (500, 375), (500, 333), (375, 500), (500, 375), (640, 480), (800, 600), (1024, 768))
-QUALITIES = (75, 80, 85, 90, 95)
 HEADER = ["| loader | split | images/s (1 core) | × reference | µs per image |", "|---|---|---:|---:|---:|"]
-
-
-def write_photo_tree(root: Path, classes: int, train_per_class: int, val_per_class: int) -> Path:
-    """``root/{train,val}/class_<k>/photo_<i>.jpg``: random crops of scikit-learn's two photographs (a
-    photograph, not noise, so that decoding costs what it costs on ImageNet), at :data:`SIZES`."""
-    from sklearn.datasets import load_sample_images
-
-    sources = [Image.fromarray(a) for a in load_sample_images().images]
-    index = 0
-    for split, per_class in (("train", train_per_class), ("val", val_per_class)):
-        for k in range(classes):
-            folder = root / split / f"class_{k}"
-            folder.mkdir(parents=True, exist_ok=True)
-            for _ in range(per_class):
-                rng = np.random.default_rng(index)
-                source, (width, height) = sources[index % 2], SIZES[index % len(SIZES)]
-                fit = min(source.width / width, source.height / height) * rng.uniform(0.75, 1.0)
-                left = rng.uniform(0, source.width - width * fit)
-                top = rng.uniform(0, source.height - height * fit)
-                image = source.resize((width, height), Image.Resampling.BICUBIC,
-                                      box=(left, top, left + width * fit, top + height * fit))
-                buffer = io.BytesIO()
-                image.save(buffer, "JPEG", quality=QUALITIES[int(rng.integers(len(QUALITIES)))])
-                (folder / f"photo_{index:05d}.jpg").write_bytes(buffer.getvalue())
-                index += 1
-    return root
 
 
 def reference_epoch(root: Path, batch_size: int) -> Callable[[], int]:
@@ -147,7 +117,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as work:
-        tree = write_photo_tree(Path(work) / "photos", classes=4, train_per_class=args.images // 4,
+        tree = write_imagefolder(Path(work) / "photos", classes=4, train_per_class=args.images // 4,
                                 val_per_class=max(1, args.images // 16))
         rows = shard_rows(tree, Path(work), args.batch_size, args.rounds)
     print(f"{platform.processor() or platform.machine()}, {platform.python_implementation()} "

@@ -24,8 +24,7 @@ def image_files(path: str | Path) -> list[Path]:
     if not path.is_dir():
         raise DataError(f"images={path}: no such file or folder; give an image file ({kinds}) or a folder of "
                         f"them, or leave images= out to draw the first validation images")
-    found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMG_EXTENSIONS
-                   and not any(part.startswith(".") for part in p.relative_to(path).parts))
+    found = _folder_images(path)
     if not found:
         raise DataError(f"images={path} holds no image files; the kinds read are {kinds}")
     return found

@@ -68,7 +68,8 @@ SIMPLEJPEG_SPACES = {"YCbCr", "Gray", "RGB"}
 _SHAPE = torch.empty(1, 1, 1)
 
 
-def _check_pixels(width: int, height: int) -> None:
+def check_pixels(width: int, height: int) -> None:
+    """Refuses a decompression bomb from its header's size, before anything is decoded."""
     if width * height > MAX_IMAGE_PIXELS:
         raise Image.DecompressionBombError(
             f"{width} x {height} pixels is more than the {MAX_IMAGE_PIXELS} allowed against decompression bombs")
@@ -84,7 +85,7 @@ def _read(source: Source) -> bytes:
 def open_image(source: Source, mode: str) -> Image.Image:
     """The whole image in ``mode`` ("RGB" or "L"), or one of :data:`IMAGE_ERRORS`."""
     with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:  # the header only
-        _check_pixels(image.width, image.height)
+        check_pixels(image.width, image.height)
         return _convert(image, mode)
 
 
@@ -114,7 +115,7 @@ class _Decoder:
         if isinstance(source, Image.Image):
             self.data, self.image = b"", source
             self.height, self.width = source.height, source.width
-            _check_pixels(self.width, self.height)
+            check_pixels(self.width, self.height)
             return
         self.data = _read(source)
         space = None
@@ -126,7 +127,7 @@ class _Decoder:
         if space not in SIMPLEJPEG_SPACES:
             self.image = Image.open(io.BytesIO(self.data))  # the header only
             self.height, self.width = self.image.height, self.image.width
-        _check_pixels(self.width, self.height)
+        check_pixels(self.width, self.height)
 
     def pixels(self) -> torch.Tensor:
         """(C, H, W) uint8 over (H, W, C) memory, the layout torch's fast uint8 resize works in."""

@@ -21,7 +21,6 @@ from rednet.engine.distributed import DistInfo, all_gather_object, all_reduce_su
 from rednet.engine.feed import DeviceFeed
 from rednet.engine.precision import autocast
 from rednet.engine.trained import Trained
-from rednet.errors import ConfigError
 from rednet.io import atomic_write, write_json
 from rednet.metrics import ConfusionMatrix, topk_correct
 from rednet.viz.confusion import confusion_figure
@@ -137,11 +136,7 @@ def evaluate_trained(cfg: DictConfig, trained: Trained, run_dir: str | Path) -> 
     """``eval.py``: evaluates ``trained`` (a checkpoint, or an exported file in ONNX Runtime) on
     ``cfg.data``'s validation split and writes the report (metrics.json, confusion_matrix.csv/.png,
     misclassified.png, TensorBoard events) into ``run_dir``. Under DDP each rank evaluates a shard."""
-    if trained.runtime != "torch":
-        if cfg.trainer.strategy != "single":
-            raise ConfigError(f"{trained.path} runs in {trained.runtime}, in one process; drop "
-                              f"trainer={cfg.trainer.strategy}")
-        cfg.trainer.device, cfg.trainer.precision = "cpu", "fp32"  # where and how ONNX Runtime runs it
+    trained.settle_runtime(cfg)
     ctx = setup_run(cfg, run_dir)
     with distributed.main_first(ctx.dist):
         data = build_datamodule(cfg.data)

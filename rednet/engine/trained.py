@@ -44,6 +44,16 @@ class Trained:
     def what(self) -> str:
         return f"checkpoint {self.path}" if self.runtime == "torch" else str(self.path)
 
+    def settle_runtime(self, cfg: DictConfig) -> None:
+        """An exported file runs in ONNX Runtime, in one process on the CPU in fp32: ``cfg.trainer`` is
+        set so, and a DDP launch is refused."""
+        if self.runtime == "torch":
+            return
+        if cfg.trainer.strategy != "single":
+            raise ConfigError(f"{self.path} runs in {self.runtime}, in one process; drop "
+                              f"trainer={cfg.trainer.strategy}")
+        cfg.trainer.device, cfg.trainer.precision = "cpu", "fp32"
+
     def require_classifier(self, command: str) -> int:
         if self.num_classes is None:
             raise CheckpointError(f"{self.what} has no classifier (head.fc.weight); {command} needs a whole model")
